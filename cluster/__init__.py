@@ -1,0 +1,1 @@
+"""Cluster: the `music2vec` command line, distributed environments, submitit executors."""

@@ -1,0 +1,1 @@
+"""Probes: frozen-feature MIR evaluation of checkpoints and the nightly probe job."""

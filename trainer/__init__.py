@@ -1,0 +1,1 @@
+"""Training: experiment config, DeepSpeed engine, the train loop, checkpoints, logging."""

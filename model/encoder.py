@@ -33,8 +33,8 @@ class ConvBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv(x)  # (batch, channel, time)
-        x = self.norm(x.transpose(1, 2)).transpose(1, 2)
-        return F.gelu(x)
+        # GELU before transposing back: elementwise ops on the contiguous layout are much cheaper.
+        return F.gelu(self.norm(x.transpose(1, 2))).transpose(1, 2)
 
 
 class FeatureExtractor(nn.Module):

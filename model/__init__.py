@@ -1,7 +1,7 @@
 """Music2Vec: the data2vec-audio encoder, its pretraining module and EMA teacher, presets, Hugging Face interop."""
 
 from model.config import PRESETS, ModelConfig, num_frames, preset
-from model.encoder import Data2VecAudio, Transformer, TransformerOutput
+from model.encoder import Data2VecAudio, EncoderOutput, Transformer, TransformerOutput
 from model.hf import load_hf, save_hf
 from model.music2vec import Music2Vec, regression_loss, teacher_targets
 from model.teacher import EMATeacher, ema_decay
@@ -10,6 +10,7 @@ __all__ = [
     "PRESETS",
     "Data2VecAudio",
     "EMATeacher",
+    "EncoderOutput",
     "ModelConfig",
     "Music2Vec",
     "Transformer",

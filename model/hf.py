@@ -20,7 +20,7 @@ from model.encoder import Data2VecAudio
 
 # (ours, Hugging Face) name prefixes; `{}` stands for a layer index. Everything after the prefix is kept.
 _PREFIXES = [
-    ("feature_extractor.blocks.{}.conv.", "feature_extractor.conv_layers.{}.conv."),
+    ("feature_extractor.blocks.{}.weight", "feature_extractor.conv_layers.{}.conv.weight"),
     ("feature_extractor.blocks.{}.norm.", "feature_extractor.conv_layers.{}.layer_norm."),
     ("feature_projection.norm.", "feature_projection.layer_norm."),
     ("feature_projection.proj.", "feature_projection.projection."),

@@ -40,8 +40,9 @@ def channel_std(x: Tensor) -> Tensor:
 class Music2Vec(nn.Module):
     """The module DeepSpeed trains: `forward(audio, mask) -> (loss, metrics)`.
 
-    The EMA teacher is an attribute but not a submodule (see `EMATeacher`); the trainer calls `update_teacher` once
-    after every optimizer step.
+    The EMA teacher is an attribute but not a submodule (see `EMATeacher`), so `state_dict()` holds the student
+    alone and checkpoints save `teacher.state_dict()` beside it. The trainer calls `update_teacher` once after every
+    optimizer step.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -53,11 +54,11 @@ class Music2Vec(nn.Module):
 
     def forward(self, audio: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """audio (batch, sample) normalised waveforms; mask (batch, frame) bool, True where the student is masked."""
-        features = self.encoder.features(audio)  # (batch, frame, dim), shared by student and teacher
-        student = self.encoder.transformer(self.encoder.apply_mask(features, mask)).last
-        pred = self.final_proj(student[mask])  # (masked_frame, dim)
+        # Through the encoder's own forward, not its parts: ZeRO-3 gathers a module's weights in its forward hooks.
+        student = self.encoder(audio, mask)
+        pred = self.final_proj(student.last[mask])  # (masked_frame, dim)
         with torch.no_grad():
-            target = self._targets(features.detach())[mask]
+            target = self._targets(student.features.detach())[mask]
         loss = regression_loss(pred, target, beta=self.cfg.loss_beta, scale=self.cfg.regression_scale)
         metrics = {
             "target_var": channel_std(target),

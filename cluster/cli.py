@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -28,6 +29,24 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shard(args: argparse.Namespace) -> int:
+    from data.shards import ShardParams, write_shards
+
+    params = ShardParams(
+        clip_seconds=args.clip_seconds,
+        min_seconds=args.min_seconds,
+        max_count=args.shard_max_count,
+        max_bytes=int(args.shard_max_bytes),
+    )
+    manifest = write_shards(args.sources, args.out, params, jobs=args.jobs)
+    hours = manifest["total_seconds"] / 3600
+    print(
+        f"{manifest['total_samples']} clips ({hours:.2f} h) in {len(manifest['shards'])} shards under {args.out};"
+        f" {manifest['rejected']} inputs rejected (see {args.out}/rejected.jsonl)"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="music2vec",
@@ -38,12 +57,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=30, help="optimizer steps (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     demo.set_defaults(run=_demo)
+
+    shard = commands.add_parser(
+        "shard",
+        help="raw audio (files, folders, globs, list files) -> 16 kHz FLAC clips in WebDataset shards + manifest",
+    )
+    shard.add_argument("sources", nargs="+", metavar="SRC", help="audio files, folders, globs, or .txt path lists")
+    shard.add_argument("--out", required=True, help="output folder (resumes an interrupted run into it)")
+    shard.add_argument("--clip-seconds", type=float, default=30.0, help="clip length (default: %(default)s)")
+    shard.add_argument(
+        "--min-seconds", type=float, default=5.0, help="drop a shorter tail or file (default: %(default)s)"
+    )
+    shard.add_argument("--shard-max-count", type=int, default=1000, help="clips per shard (default: %(default)s)")
+    shard.add_argument("--shard-max-bytes", type=float, default=1e9, help="bytes per shard (default: %(default)g)")
+    shard.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="decoding processes (default: all cores)")
+    shard.set_defaults(run=_shard)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        # Bad input: the message names the file, key or value; a traceback would only bury it.
+        parser.exit(2, f"music2vec {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

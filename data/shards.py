@@ -1,0 +1,312 @@
+"""Raw audio -> 16 kHz mono FLAC clips in WebDataset tar shards, with a manifest and a list of rejected inputs.
+
+The output folder holds `shard-000000.tar`, ..., `manifest.json` (written last: its presence means the set is
+complete), `rejected.jsonl`, and while a run is in progress `progress.jsonl`, a journal with one line per finished
+shard. Every shard is written under a `.partial` name and renamed when complete, so a killed run leaves only whole
+shards; run again with the same arguments, it resumes after the last journalled shard, and because inputs are
+sorted and keys derive from their paths, the result is identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import multiprocessing
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import soundfile as sf
+import torch
+import webdataset as wds
+from tqdm import tqdm
+
+from data.audio import SAMPLE_RATE, decode_file, encode_flac
+
+LIST_SUFFIXES = {".txt", ".lst", ".list"}  # a text file naming one audio path per line
+AUDIO_SUFFIXES = {f".{ext.lower()}" for ext in sf.available_formats()} | {
+    ".wav",
+    ".flac",
+    ".ogg",
+    ".oga",
+    ".opus",
+    ".mp3",
+    ".aiff",
+    ".aif",
+}
+SILENCE_PEAK = 1e-4  # -80 dBFS: a file whose loudest sample is below this is silence
+MANIFEST = "manifest.json"
+REJECTED = "rejected.jsonl"
+PROGRESS = "progress.jsonl"
+
+
+@dataclass(frozen=True)
+class ShardParams:
+    clip_seconds: float = 30.0  # the paper's 1k-hour subset is 30 s clips
+    min_seconds: float = 5.0  # a shorter tail is dropped; 5 s is the paper's best crop
+    max_count: int = 1000  # clips per shard
+    max_bytes: int = 1_000_000_000  # bytes per shard (a shard closes at whichever bound comes first)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_seconds <= self.clip_seconds:
+            raise ValueError(f"need 0 < --min-seconds ({self.min_seconds}) <= --clip-seconds ({self.clip_seconds})")
+        if self.max_count < 1 or self.max_bytes < 1:
+            raise ValueError("shard bounds must be positive")
+
+
+@dataclass
+class FileResult:
+    index: int
+    samples: list[dict[str, bytes | str]] = field(default_factory=list)  # webdataset samples, in clip order
+    seconds: list[float] = field(default_factory=list)
+    rejection: dict[str, Any] | None = None
+
+
+def expand_inputs(sources: Iterable[str]) -> list[str]:
+    """Files, folders (recursive), globs and list files -> sorted, de-duplicated audio paths."""
+    found: set[str] = set()
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            found.update(str(p) for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+        elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+            # Listed paths are taken as they are: one that is missing becomes a rejection, not a stop.
+            lines = (line.strip() for line in path.read_text().splitlines())
+            found.update(line for line in lines if line and not line.startswith("#"))
+        elif path.is_file():
+            found.add(str(path))
+        else:
+            matches = glob.glob(source, recursive=True)  # noqa: PTH207 - user-supplied patterns may be absolute
+            if not matches:
+                raise FileNotFoundError(f"{source}: no such file, folder or matching glob")
+            found.update(expand_inputs(matches))
+    return sorted(str(Path(p).resolve()) for p in found)
+
+
+def clip_key(path: str, clip: int) -> str:
+    """Stable across runs and machines for the same path; no dots (webdataset splits keys from extensions there)."""
+    return f"{hashlib.sha1(path.encode()).hexdigest()[:16]}_{clip:05d}"  # noqa: S324 - a name, not security
+
+
+def read_labels(path: str) -> dict[str, Any]:
+    """Labels from a sidecar `<name>.json` beside the audio file, if there is one."""
+    sidecar = Path(path).with_suffix(".json")
+    return json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+
+
+def process_file(job: tuple[int, str, ShardParams]) -> FileResult:
+    """Decode one input and cut it into clips; never raises for a bad file, returns its rejection instead."""
+    index, path, params = job
+    result = FileResult(index)
+    try:
+        decoded = decode_file(path)
+        labels = read_labels(path)
+    except Exception as error:  # noqa: BLE001 - any unreadable input is a rejection, never a crash
+        result.rejection = {"reason": "unreadable", "detail": f"{type(error).__name__}: {error}"}
+        return result
+    audio = decoded.audio
+    duration = audio.size / SAMPLE_RATE
+    if not np.isfinite(audio).all():
+        result.rejection = {"reason": "non-finite samples"}
+    elif duration < params.min_seconds:
+        result.rejection = {"reason": "too short", "detail": f"{duration:.2f} s < {params.min_seconds} s"}
+    elif np.abs(audio).max() < SILENCE_PEAK:
+        result.rejection = {"reason": "silent"}
+    if result.rejection:
+        return result
+    clip_samples = round(params.clip_seconds * SAMPLE_RATE)
+    for clip, start in enumerate(range(0, audio.size, clip_samples)):
+        piece = audio[start : start + clip_samples]
+        if piece.size < params.min_seconds * SAMPLE_RATE:
+            break
+        record = {
+            "source": path,
+            "offset": start / SAMPLE_RATE,
+            "duration": piece.size / SAMPLE_RATE,
+            "sample_rate": SAMPLE_RATE,
+            "original_sample_rate": decoded.original_rate,
+            "original_channels": decoded.original_channels,
+            "labels": labels,
+        }
+        result.samples.append(
+            {"__key__": clip_key(path, clip), "flac": encode_flac(piece), "json": json.dumps(record, sort_keys=True)}
+        )
+        result.seconds.append(piece.size / SAMPLE_RATE)
+    return result
+
+
+class _Journal:
+    """progress.jsonl: one line per finished shard, naming where the next shard starts (input index, clip index)."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / PROGRESS
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def append(self, entry: dict[str, Any]) -> None:
+        with self.path.open("a") as journal:
+            journal.write(json.dumps(entry) + "\n")
+            journal.flush()
+            os.fsync(journal.fileno())
+
+
+class _ShardSink:
+    """ShardWriter's opener and post hooks: shards are written as `.partial`, synced, renamed, then journalled."""
+
+    def __init__(self, journal: _Journal, run_params: dict[str, Any], start: tuple[int, int]) -> None:
+        self.journal = journal
+        self.run_params = run_params
+        self.next_position = start  # (input index, clip index) of the clip about to be written
+        self.samples = 0
+        self.seconds = 0.0
+        self._files: dict[str, BinaryIO] = {}
+
+    def open(self, fname: str) -> BinaryIO:
+        self._files[fname] = Path(fname + ".partial").open("wb")  # noqa: SIM115 - closed in finish()
+        return self._files[fname]
+
+    def finish(self, fname: str) -> None:
+        stream = self._files.pop(fname)  # webdataset does not close streams it did not open
+        stream.flush()
+        os.fsync(stream.fileno())
+        stream.close()
+        partial = Path(fname + ".partial")
+        if not self.samples:
+            partial.unlink()
+            return
+        partial.replace(fname)
+        entry = {"shard": Path(fname).name, "samples": self.samples, "seconds": round(self.seconds, 6)}
+        self.journal.append({**entry, "next": list(self.next_position), "params": self.run_params})
+        self.samples, self.seconds = 0, 0.0
+
+
+def write_shards(
+    sources: Sequence[str], out: str | Path, params: ShardParams, *, jobs: int = 1, progress: bool = True
+) -> dict[str, Any]:
+    """Shard `sources` into `out`; returns the manifest. Resumes an interrupted run over the same inputs."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = expand_inputs(sources)
+    if (out / MANIFEST).is_file():
+        raise FileExistsError(f"{out / MANIFEST} exists: this folder already holds a finished shard set")
+    journal = _Journal(out)
+    done = journal.read()
+    run_params = {**asdict(params), "inputs": len(paths), "inputs_digest": _digest(paths)}
+    _check_same_run(out, done, run_params)
+    start_file, start_clip = done[-1]["next"] if done else (0, 0)
+    rejections = _kept_rejections(out, before=start_file)
+    _write_rejections(out, rejections)
+
+    sink = _ShardSink(journal, run_params, start=(start_file, start_clip))
+    writer = wds.ShardWriter(
+        str(out / "shard-%06d.tar"),
+        maxcount=params.max_count,
+        maxsize=params.max_bytes,
+        post=sink.finish,
+        start_shard=len(done),
+        verbose=0,
+        opener=sink.open,
+        mtime=0.0,  # identical inputs give byte-identical tars
+    )
+    with writer, _pool(jobs) as pool:
+        todo = [(index, paths[index], params) for index in range(start_file, len(paths))]
+        results = pool.imap(process_file, todo) if pool else map(process_file, todo)
+        for result in tqdm(results, total=len(todo), desc="shard", unit="file", disable=not progress):
+            if result.rejection:
+                rejection = {"index": result.index, "path": paths[result.index], **result.rejection}
+                rejections.append(rejection)
+                with (out / REJECTED).open("a") as rejected:
+                    rejected.write(json.dumps(rejection) + "\n")
+            first_clip = start_clip if result.index == start_file else 0
+            for clip, (sample, seconds) in enumerate(zip(result.samples, result.seconds, strict=True)):
+                if clip < first_clip:
+                    continue
+                sink.next_position = (result.index, clip)
+                writer.write(sample)
+                sink.samples += 1
+                sink.seconds += seconds
+        sink.next_position = (len(paths), 0)
+    return _write_manifest(out, journal.read(), run_params, rejections)
+
+
+def _pool(jobs: int) -> Any:
+    if jobs <= 1:
+        return _NoPool()
+    return multiprocessing.get_context("spawn").Pool(jobs, initializer=_one_thread_per_worker)
+
+
+def _one_thread_per_worker() -> None:
+    torch.set_num_threads(1)  # the pool is the parallelism; torch's own threads would oversubscribe the cores
+
+
+class _NoPool:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _digest(paths: list[str]) -> str:
+    return hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
+
+
+def _check_same_run(out: Path, done: list[dict[str, Any]], run_params: dict[str, Any]) -> None:
+    if done and done[-1]["params"] != run_params:
+        raise ValueError(
+            f"{out / PROGRESS} records an interrupted run with other inputs or parameters ({done[-1]['params']});"
+            " re-run with those, or write to an empty folder"
+        )
+    # The shard after the last journalled one may exist if a kill came between its rename and its journal line;
+    # it is rewritten identically. Any other shard belongs to some other run.
+    expected = {entry["shard"] for entry in done} | {f"shard-{len(done):06d}.tar"}
+    strangers = sorted(p.name for p in out.glob("shard-*.tar") if p.name not in expected)
+    if strangers:
+        raise FileExistsError(f"{out} holds shards this run did not write ({strangers[:3]}); use an empty folder")
+
+
+def _kept_rejections(out: Path, *, before: int) -> list[dict[str, Any]]:
+    """Rejections recorded for inputs before the resume point (later ones are found again)."""
+    path = out / REJECTED
+    if not path.is_file():
+        return []
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [entry for entry in entries if entry["index"] < before]
+
+
+def _write_rejections(out: Path, rejections: list[dict[str, Any]]) -> None:
+    tmp = out / (REJECTED + ".tmp")
+    tmp.write_text("".join(json.dumps(entry) + "\n" for entry in rejections))
+    tmp.replace(out / REJECTED)
+
+
+def _write_manifest(
+    out: Path, shards: list[dict[str, Any]], run_params: dict[str, Any], rejections: list[dict[str, Any]]
+) -> dict[str, Any]:
+    manifest = {
+        "shards": [{"url": s["shard"], "samples": s["samples"], "seconds": s["seconds"]} for s in shards],
+        "total_samples": sum(s["samples"] for s in shards),
+        "total_seconds": round(sum(s["seconds"] for s in shards), 6),
+        "sample_rate": SAMPLE_RATE,
+        "params": run_params,
+        "rejected": len(rejections),
+    }
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(out / MANIFEST)
+    (out / PROGRESS).unlink()
+    return manifest
+
+
+def iter_manifest_urls(manifest_path: str | Path) -> Iterator[str]:
+    """Absolute shard paths of a manifest, in order."""
+    manifest_path = Path(manifest_path)
+    for shard in json.loads(manifest_path.read_text())["shards"]:
+        yield str(manifest_path.parent / shard["url"])

@@ -1,0 +1,345 @@
+"""The streaming crop-and-mask loader: WebDataset shards -> fixed-shape batches of normalised crops and span masks.
+
+The stream is defined per *consumer*, one per (rank, DataLoader worker). In epoch e, the shard list is permuted by
+(seed, e) and consumer c of C takes every C-th shard; it reads its shards' records in order through a shuffle buffer
+seeded by (seed, e, rank, worker), decodes each record, normalises the whole clip, and cuts `crops_per_clip` random
+crops (seeded by the record's key); crops fill batches, and each batch gets span masks seeded by (seed, rank,
+worker, batch index). When a consumer's shards run out it starts its next epoch, so the stream never ends and no
+rank ever waits for another. With `resample`, consumers instead draw shards with replacement, forever.
+
+Fewer shards than consumers is refused when the loader is built (without `resample`): a consumer with no shard
+would have nothing to give, and a DataLoader waiting for it would hang.
+
+Resume. A consumer's position is (epoch, records taken from its shuffle buffer, crops already used of the last
+record, batches made). Batches travel with their consumer's position, and the main process keeps the position of
+the last batch it handed out, per consumer. A resumed consumer replays its record stream from the start of its
+epoch *without decoding audio* (tar reads and the shuffle only), re-decodes the one record whose crops were split
+across batches, and carries on: the sequence of sample keys is exactly that of an uninterrupted run with the same
+seed, world size and workers. DataLoader serves workers round-robin; the loader rotates which worker plays which
+consumer so that the consumer due next comes first.
+
+Bad data is skipped and counted by reason (see `SKIP_REASONS`); the counts travel with the batches too.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import tar_file_iterator
+
+from data.audio import SAMPLE_RATE, decode_flac, normalize
+from data.config import DataConfig
+from data.masking import span_mask
+
+log = logging.getLogger(__name__)
+
+SKIP_REASONS = (
+    "unreadable_shard",  # the shard could not be opened at all (its URL is logged)
+    "truncated_tar",  # a shard ended mid-record; the records before the damage are used
+    "incomplete_record",  # a record without its .flac member
+    "corrupt_audio",  # the FLAC did not decode
+    "empty_audio",  # zero samples
+    "non_finite",  # NaN or inf samples
+    "wrong_sample_rate",  # not 16 kHz
+    "too_short",  # shorter than one crop
+)
+
+
+def shard_urls(shards: str) -> list[str]:
+    """A manifest.json path, or a brace-expanded URL pattern (local paths, `pipe:` commands, anything wds opens)."""
+    if shards.endswith(".json"):
+        manifest = Path(shards)
+        if not manifest.is_file():
+            raise FileNotFoundError(f"{manifest}: no such manifest; write one with `music2vec shard`")
+        entries = json.loads(manifest.read_text())["shards"]
+        urls = [str(manifest.parent / entry["url"]) for entry in entries]
+    else:
+        urls = expand_urls(shards)
+    if not urls:
+        raise ValueError(f"data.shards={shards!r} names no shard")
+    return urls
+
+
+@dataclass
+class Batch:
+    audio: torch.Tensor  # (batch, crop_samples) float32, each clip normalised before cropping
+    mask: torch.Tensor  # (batch, frames) bool, True where the student sees the mask embedding
+    keys: list[str]  # the sample key each crop came from
+
+
+# Counted while reading shards, so counted again when a resumed worker replays its epoch (see ConsumerState.resumed).
+READ_LEVEL_REASONS = ("unreadable_shard", "truncated_tar", "incomplete_record")
+
+
+@dataclass
+class ConsumerState:
+    """Where one worker's stream stands after the last batch it made."""
+
+    epoch: int = 0
+    records: int = 0  # records taken from the shuffle buffer in this epoch, the partly used one included
+    crops: int = 0  # crops already used of the last record taken
+    batches: int = 0  # batches made, all epochs
+    skipped: Counter[str] = field(default_factory=Counter)
+    skipped_at_epoch_start: Counter[str] = field(default_factory=Counter)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "records": self.records,
+            "crops": self.crops,
+            "batches": self.batches,
+            "skipped": dict(self.skipped),
+            "skipped_at_epoch_start": dict(self.skipped_at_epoch_start),
+        }
+
+    @classmethod
+    def resumed(cls, state: dict[str, Any]) -> ConsumerState:
+        """The state to continue from: read-level counts go back to the epoch start, since the replay recounts them."""
+        skipped = Counter(state["skipped"])
+        at_start = Counter(state["skipped_at_epoch_start"])
+        for reason in READ_LEVEL_REASONS:
+            skipped[reason] = at_start[reason]
+        return cls(state["epoch"], state["records"], state["crops"], state["batches"], +skipped, at_start)
+
+
+@dataclass
+class _Tagged:
+    """What a worker sends: the batch, which logical worker made it, and that worker's position after it."""
+
+    batch: Batch
+    worker: int
+    state: dict[str, Any]
+
+
+def _seed(*parts: int) -> np.random.Generator:
+    return np.random.default_rng([*parts])
+
+
+class ShardStream(IterableDataset):
+    """The per-worker streams of one rank; `StreamingLoader` runs them in DataLoader workers and tracks positions."""
+
+    def __init__(
+        self, cfg: DataConfig, urls: list[str], *, frames: int, rank: int, world_size: int, workers: int
+    ) -> None:
+        super().__init__()
+        self.cfg, self.urls, self.frames = cfg, urls, frames
+        self.rank, self.world_size, self.workers = rank, world_size, max(workers, 1)
+        self.crop_samples = round(cfg.crop_seconds * SAMPLE_RATE)
+        self.rotation = 0  # the logical worker that DataLoader worker 0 plays; set by the loader
+        self.resume: dict[int, dict[str, Any]] = {}  # logical worker -> ConsumerState dict
+
+    def __iter__(self) -> Iterator[_Tagged]:
+        info = get_worker_info()
+        worker = ((info.id if info else 0) + self.rotation) % self.workers
+        state = ConsumerState.resumed(self.resume[worker]) if worker in self.resume else ConsumerState()
+        return self.batches(worker, state)
+
+    # One logical worker's stream, stage by stage: shards -> records -> shuffled records -> crops -> batches.
+
+    def batches(self, worker: int, state: ConsumerState) -> Iterator[_Tagged]:
+        """Batches of this rank's logical `worker`, from position `state` on, forever."""
+        crops: list[np.ndarray] = []
+        keys: list[str] = []
+        for key, crop, position in self._crops(worker, state):
+            crops.append(crop)
+            keys.append(key)
+            if len(crops) < self.cfg.batch_size:
+                continue
+            state.epoch, state.records, state.crops = position
+            mask = span_mask(
+                len(crops),
+                self.frames,
+                mask_prob=self.cfg.mask_prob,
+                span=self.cfg.mask_length,
+                min_spans=self.cfg.min_spans,
+                rng=_seed(self.cfg.seed, self.rank, worker, state.batches),
+            )
+            state.batches += 1
+            batch = Batch(torch.from_numpy(np.stack(crops)), torch.from_numpy(mask), keys)
+            yield _Tagged(batch, worker, state.to_dict())
+            crops, keys = [], []
+
+    def _crops(self, worker: int, state: ConsumerState) -> Iterator[tuple[str, np.ndarray, tuple[int, int, int]]]:
+        """(key, crop, position after it) for every crop from `state`'s position on; epochs follow one another."""
+        epoch, skip_records, skip_crops = state.epoch, state.records, state.crops
+        empty_epochs = 0
+        while True:
+            progressed = False
+            for index, record in enumerate(self._shuffled_records(worker, epoch, state.skipped), start=1):
+                if index < skip_records or (index == skip_records and skip_crops >= self.cfg.crops_per_clip):
+                    progressed = True  # consumed before the resume point: replayed without decoding
+                    continue
+                audio = self._decode(record, state.skipped)
+                if audio is None:
+                    continue
+                first = skip_crops if index == skip_records else 0
+                for number, crop in enumerate(self._random_crops(audio, record["__key__"], epoch)):
+                    if number >= first:
+                        progressed = True
+                        yield record["__key__"], crop, (epoch, index, number + 1)
+            empty_epochs = 0 if progressed else empty_epochs + 1
+            if empty_epochs >= self._patience():
+                raise RuntimeError(
+                    f"rank {self.rank} worker {worker}: no usable audio in its shards for {empty_epochs} epoch(s)"
+                    f" (skipped: {dict(state.skipped)}); check data.shards"
+                )
+            epoch, skip_records, skip_crops = epoch + 1, 0, 0
+            state.skipped_at_epoch_start = Counter(state.skipped)
+
+    def _patience(self) -> int:
+        """Empty epochs tolerated: none when shards are split (the same shards come back), a few draws' worth else."""
+        return 3 * math.ceil(len(self.urls) / self._shards_per_epoch()) if self.cfg.resample else 1
+
+    def _shards_per_epoch(self) -> int:
+        return max(1, len(self.urls) // (self.world_size * self.workers))
+
+    def _worker_shards(self, worker: int, epoch: int) -> list[str]:
+        consumers = self.world_size * self.workers
+        consumer = self.rank * self.workers + worker
+        if self.cfg.resample:
+            draws = _seed(self.cfg.seed, epoch, consumer).integers(len(self.urls), size=self._shards_per_epoch())
+            return [self.urls[i] for i in draws]
+        order = _seed(self.cfg.seed, epoch).permutation(len(self.urls))
+        return [self.urls[i] for i in order[consumer::consumers]]
+
+    def _shuffled_records(self, worker: int, epoch: int, skipped: Counter[str]) -> Iterator[dict[str, Any]]:
+        rng = _seed(self.cfg.seed, epoch, self.rank, worker)
+        buffer: list[dict[str, Any]] = []
+        for url in self._worker_shards(worker, epoch):
+            for record in _read_shard(url, skipped):
+                buffer.append(record)
+                if len(buffer) >= self.cfg.shuffle_buffer:
+                    yield _pop_random(buffer, rng)
+        while buffer:
+            yield _pop_random(buffer, rng)
+
+    def _decode(self, record: dict[str, Any], skipped: Counter[str]) -> np.ndarray | None:
+        if "flac" not in record:
+            skipped["incomplete_record"] += 1
+            return None
+        try:
+            audio, rate = decode_flac(record["flac"])
+        except Exception:  # noqa: BLE001 - any undecodable payload is skipped and counted
+            skipped["corrupt_audio"] += 1
+            return None
+        reason = None
+        if audio.size == 0:
+            reason = "empty_audio"
+        elif rate != SAMPLE_RATE:
+            reason = "wrong_sample_rate"
+        elif not np.isfinite(audio).all():
+            reason = "non_finite"
+        elif audio.size < self.crop_samples:
+            reason = "too_short"
+        if reason:
+            skipped[reason] += 1
+            return None
+        return normalize(audio)
+
+    def _random_crops(self, audio: np.ndarray, key: str, epoch: int) -> Iterator[np.ndarray]:
+        rng = _seed(self.cfg.seed, epoch, zlib.crc32(key.encode()))
+        starts = rng.integers(0, audio.size - self.crop_samples + 1, size=self.cfg.crops_per_clip)
+        for start in starts:
+            yield audio[start : start + self.crop_samples]
+
+
+def _pop_random(buffer: list[Any], rng: np.random.Generator) -> Any:
+    index = rng.integers(len(buffer))
+    buffer[index], buffer[-1] = buffer[-1], buffer[index]
+    return buffer.pop()
+
+
+def _read_shard(url: str, skipped: Counter[str]) -> Iterator[dict[str, Any]]:
+    """Records ({"__key__", "flac", "json"}) of one shard; an unreadable or damaged shard is counted, not raised."""
+    try:
+        stream = wds.gopen(url, "rb")
+    except Exception as error:  # noqa: BLE001 - a shard that cannot be opened is reported and skipped
+        log.warning("cannot open shard %s: %s", url, error)
+        skipped["unreadable_shard"] += 1
+        return
+    record: dict[str, Any] = {}
+    try:
+        with stream:
+            for member in tar_file_iterator(stream):
+                key, _, extension = member["fname"].partition(".")
+                if record and key != record["__key__"]:
+                    yield record
+                    record = {}
+                record["__key__"] = key
+                record[extension] = member["data"]
+    except Exception as error:  # noqa: BLE001 - tarfile raises several types for damaged archives
+        log.warning("damaged shard %s: %s", url, error)
+        skipped["truncated_tar"] += 1
+        return  # the record being read when the damage came is incomplete: dropped
+    if record:
+        yield record
+
+
+class StreamingLoader:
+    """Batches for one rank, from DataLoader workers, with `state_dict`/`load_state_dict` for exact resume.
+
+    Iterating again after a break (or after `load_state_dict`) continues where the last handed-out batch left off.
+    """
+
+    def __init__(self, cfg: DataConfig, *, frames: int, rank: int = 0, world_size: int = 1) -> None:
+        self.cfg = cfg
+        self.urls = shard_urls(cfg.shards)
+        consumers = world_size * max(cfg.workers, 1)
+        if not cfg.resample and len(self.urls) < consumers:
+            raise ValueError(
+                f"{len(self.urls)} shard(s) for {world_size} rank(s) x {max(cfg.workers, 1)} worker(s) ="
+                f" {consumers} consumers: each needs at least one shard. Write smaller shards"
+                " (music2vec shard --shard-max-count), lower data.workers, or set data.resample=true"
+            )
+        self.stream = ShardStream(cfg, self.urls, frames=frames, rank=rank, world_size=world_size, workers=cfg.workers)
+        self._workers: dict[int, dict[str, Any]] = {}
+        self._next_worker = 0
+        self._identity = {"seed": cfg.seed, "rank": rank, "world_size": world_size, "workers": cfg.workers}
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.stream.rotation = self._next_worker
+        self.stream.resume = dict(self._workers)
+        loader = DataLoader(
+            self.stream,
+            batch_size=None,  # workers make whole batches
+            num_workers=self.cfg.workers,
+            pin_memory=torch.cuda.is_available(),
+        )
+        for tagged in loader:
+            self._workers[tagged.worker] = tagged.state
+            self._next_worker = (tagged.worker + 1) % max(self.cfg.workers, 1)
+            yield tagged.batch
+
+    def skipped(self) -> dict[str, int]:
+        """Samples and shards skipped so far, by reason, summed over this rank's workers (for logging)."""
+        total: Counter[str] = Counter()
+        for state in self._workers.values():
+            total.update(state["skipped"])
+        return {reason: total[reason] for reason in SKIP_REASONS}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"identity": self._identity, "workers": self._workers, "next_worker": self._next_worker}
+        return copy.deepcopy(state)  # a snapshot: iteration goes on replacing the live entries
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["identity"] != self._identity:
+            raise ValueError(
+                f"data-loader state was saved with {state['identity']} and cannot continue exactly with"
+                f" {self._identity}: resume with the same seed, world size and data.workers"
+            )
+        self._workers = {int(worker): position for worker, position in state["workers"].items()}
+        self._next_worker = state["next_worker"]

@@ -1,0 +1,161 @@
+"""The shard writer, on real audio files: formats, clips, records, rejections, determinism, resume after kill -9."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import TEST_PARAMS, tone, write_corpus
+
+from data import ShardParams, write_shards
+from data.audio import decode_flac
+
+MUSIC2VEC = str(Path(sys.executable).parent / "music2vec")
+
+
+def members(tar_path: Path) -> dict[str, bytes]:
+    with tarfile.open(tar_path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def all_records(out: Path) -> dict[str, tuple[dict, np.ndarray, int]]:
+    records = {}
+    for shard in sorted(out.glob("shard-*.tar")):
+        files = members(shard)
+        for name in files:
+            key, extension = name.split(".", 1)
+            if extension == "json":
+                audio, rate = decode_flac(files[f"{key}.flac"])
+                records[key] = (json.loads(files[name]), audio, rate)
+    return records
+
+
+def test_manifest_and_records_describe_every_clip(shards, corpus):
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert manifest["total_samples"] == 32
+    assert manifest["total_seconds"] == pytest.approx(32 * 6.0)
+    assert [s["samples"] for s in manifest["shards"]] == [4] * 8
+    assert all((shards / s["url"]).is_file() for s in manifest["shards"])
+    assert manifest["params"]["clip_seconds"] == 6.0
+    assert manifest["rejected"] == 0
+    records = all_records(shards)
+    assert len(records) == 32
+    for record, audio, rate in records.values():
+        assert rate == 16_000
+        assert audio.size == 6 * 16_000
+        assert record["offset"] in (0.0, 6.0)
+        source = Path(record["source"])
+        assert source.parent == corpus.resolve()
+        original = sf.info(source)
+        assert record["original_sample_rate"] == original.samplerate
+        assert record["original_channels"] == original.channels
+
+
+def test_inputs_of_every_kind_and_labels_from_sidecars(tmp_path):
+    folder = tmp_path / "in"
+    paths = write_corpus(folder / "nested", files=2, seconds=7.0)
+    (folder / "nested" / "track000.json").write_text(json.dumps({"genre": "test", "tempo": 120}))
+    loose = tmp_path / "loose.flac"
+    sf.write(loose, tone(7.0, 32_000, seed=9)[:, 0], 32_000)
+    listed = tmp_path / "listed.mp3"
+    sf.write(listed, tone(7.0, 44_100, seed=10), 44_100)
+    listing = tmp_path / "paths.txt"
+    listing.write_text(f"# a comment\n{listed}\n{tmp_path / 'gone.wav'}\n")
+    pattern = str(tmp_path / "lo*.flac")
+    manifest = write_shards([str(folder), pattern, str(listing)], tmp_path / "out", TEST_PARAMS, progress=False)
+    assert manifest["total_samples"] == 4  # two nested files, the globbed one, the listed mp3
+    sources = {Path(r["source"]).name: r for r, _, _ in all_records(tmp_path / "out").values()}
+    assert set(sources) == {paths[0].name, paths[1].name, "loose.flac", "listed.mp3"}
+    assert sources[paths[0].name]["labels"] == {"genre": "test", "tempo": 120}
+    assert sources["loose.flac"]["labels"] == {}
+    rejected = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
+    assert [(Path(r["path"]).name, r["reason"]) for r in rejected] == [("gone.wav", "unreadable")]
+
+
+def test_bad_inputs_are_rejected_with_reasons_and_the_run_goes_on(tmp_path):
+    folder = tmp_path / "in"
+    write_corpus(folder, files=1, seconds=7.0)
+    (folder / "broken.wav").write_bytes(b"RIFF\x00\x00not audio")
+    sf.write(folder / "short.wav", tone(2.0, 16_000, seed=1), 16_000)
+    sf.write(folder / "silent.wav", np.zeros(16_000 * 7, dtype=np.float32), 16_000)
+    nan = tone(7.0, 16_000, seed=2)
+    nan[1000] = np.nan
+    sf.write(folder / "nan.wav", nan, 16_000, subtype="FLOAT")
+    manifest = write_shards([str(folder)], tmp_path / "out", TEST_PARAMS, progress=False)
+    assert manifest["total_samples"] == 1
+    assert manifest["rejected"] == 4
+    rejected = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
+    reasons = {Path(r["path"]).name: r["reason"] for r in rejected}
+    assert reasons == {
+        "broken.wav": "unreadable",
+        "short.wav": "too short",
+        "silent.wav": "silent",
+        "nan.wav": "non-finite samples",
+    }
+
+
+def test_same_inputs_give_identical_shards(corpus, shards, tmp_path):
+    write_shards([str(corpus)], tmp_path, TEST_PARAMS, progress=False)
+    for shard in sorted(shards.glob("shard-*.tar")):
+        assert (tmp_path / shard.name).read_bytes() == shard.read_bytes(), shard.name
+    assert (tmp_path / "manifest.json").read_text() == (shards / "manifest.json").read_text()
+
+
+def test_a_finished_folder_and_a_different_interrupted_run_are_refused(shards, corpus, tmp_path):
+    with pytest.raises(FileExistsError, match=r"manifest\.json"):
+        write_shards([str(corpus)], shards, TEST_PARAMS, progress=False)
+    (tmp_path / "progress.jsonl").write_text(json.dumps({"shard": "shard-000000.tar", "next": [1, 0], "params": {}}))
+    with pytest.raises(ValueError, match="other inputs or parameters"):
+        write_shards([str(corpus)], tmp_path, TEST_PARAMS, progress=False)
+
+
+def test_invalid_parameters_are_refused():
+    with pytest.raises(ValueError, match="--min-seconds"):
+        ShardParams(clip_seconds=5.0, min_seconds=6.0)
+
+
+def test_killed_run_resumes_to_the_same_shards(corpus, tmp_path):
+    """kill -9 while the writer waits on a FIFO among its inputs, then run the same command again."""
+    folder = tmp_path / "in"
+    shutil.copytree(corpus, folder)
+    blocker = folder / "track008b.wav"  # sorts between track008 and track009
+    sf.write(blocker, tone(13.0, 16_000, seed=99), 16_000)
+    listing = tmp_path / "inputs.txt"
+    listing.write_text("".join(f"{path}\n" for path in sorted(folder.iterdir())))
+    reference = tmp_path / "reference"
+    write_shards([str(listing)], reference, TEST_PARAMS, progress=False)
+
+    blocker.unlink()
+    os.mkfifo(blocker)  # opening it blocks until a writer comes: the run stops mid-way, deterministically
+    out = tmp_path / "out"
+    command = [MUSIC2VEC, "shard", str(listing), "--out", str(out), "--clip-seconds", "6", "--min-seconds", "5.5"]
+    command += ["--shard-max-count", "4", "--jobs", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        journal = out / "progress.jsonl"
+        deadline = time.monotonic() + 120
+        while not journal.is_file() or len(journal.read_text().splitlines()) < 4:  # the shards before the FIFO
+            assert process.poll() is None, "the writer ended before reaching the blocking input"
+            assert time.monotonic() < deadline, "the writer made no progress"
+            time.sleep(0.1)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the writer and its decoding processes, as a scheduler would
+        process.wait()
+    assert not (out / "manifest.json").exists()
+    assert list(out.glob("*.partial")), "the kill should leave the open shard unfinished"
+
+    blocker.unlink()
+    sf.write(blocker, tone(13.0, 16_000, seed=99), 16_000)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+    for shard in sorted(reference.glob("shard-*.tar")):
+        assert (out / shard.name).read_bytes() == shard.read_bytes(), shard.name
+    assert (out / "manifest.json").read_text() == (reference / "manifest.json").read_text()

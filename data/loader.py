@@ -231,6 +231,9 @@ class ShardStream(IterableDataset):
         if "flac" not in record:
             skipped["incomplete_record"] += 1
             return None
+        if not record["flac"]:  # what a FLAC encoder leaves for zero samples
+            skipped["empty_audio"] += 1
+            return None
         try:
             audio, rate = decode_flac(record["flac"])
         except Exception:  # noqa: BLE001 - any undecodable payload is skipped and counted
@@ -284,9 +287,8 @@ def _read_shard(url: str, skipped: Counter[str]) -> Iterator[dict[str, Any]]:
     except Exception as error:  # noqa: BLE001 - tarfile raises several types for damaged archives
         log.warning("damaged shard %s: %s", url, error)
         skipped["truncated_tar"] += 1
-        return  # the record being read when the damage came is incomplete: dropped
     if record:
-        yield record
+        yield record  # holds only members read in full; the member being read when the damage came is lost
 
 
 class StreamingLoader:

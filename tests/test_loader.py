@@ -1,0 +1,170 @@
+"""The streaming loader on real shards written by the writer: shapes, masks, resume, splits, bad data."""
+
+import io
+import itertools
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import soundfile as sf
+import webdataset as wds
+from conftest import tone
+
+from data import SKIP_REASONS, DataConfig, StreamingLoader
+from data.audio import encode_flac
+
+FRAMES_5S = 249
+
+
+def loader(shards, *, rank=0, world_size=1, **overrides) -> StreamingLoader:
+    fields = {"shards": str(shards / "manifest.json"), "batch_size": 4, "crops_per_clip": 2, "workers": 2}
+    fields |= {"shuffle_buffer": 5, "seed": 3}
+    return StreamingLoader(DataConfig(**(fields | overrides)), frames=FRAMES_5S, rank=rank, world_size=world_size)
+
+
+def take(source, count):
+    return list(itertools.islice(iter(source), count))
+
+
+def test_batches_have_a_fixed_shape_normalised_clips_and_equal_mask_counts(shards):
+    batches = take(loader(shards), 20)
+    for batch in batches:
+        assert batch.audio.shape == (4, 80_000)
+        assert batch.mask.shape == (4, FRAMES_5S)
+        assert len(batch.keys) == 4
+        counts = batch.mask.sum(dim=1)
+        assert (counts == counts[0]).all()
+    fraction = np.mean([batch.mask.float().mean().item() for batch in batches])
+    assert 0.40 <= fraction <= 0.50
+    # Crops come from clips normalised as a whole, so over many crops the mean is near 0 and the variance near 1.
+    audio = np.concatenate([batch.audio.numpy().ravel() for batch in batches])
+    assert abs(audio.mean()) < 0.05
+    assert audio.var() == pytest.approx(1.0, abs=0.1)
+
+
+def test_resumed_loader_continues_with_exactly_the_same_samples(shards):
+    uninterrupted = take(loader(shards), 30)
+    first = loader(shards)
+    head = take(first, 13)  # mid-epoch: 32 clips x 2 crops / 4 = 16 batches per epoch
+    state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint would store
+    resumed = loader(shards)
+    resumed.load_state_dict(state)
+    tail = take(resumed, 17)
+    for expected, got in zip(uninterrupted, head + tail, strict=True):
+        assert got.keys == expected.keys
+        assert np.array_equal(got.audio.numpy(), expected.audio.numpy())
+        assert np.array_equal(got.mask.numpy(), expected.mask.numpy())
+
+
+def test_resume_refuses_another_world_size(shards):
+    state = loader(shards).state_dict()
+    other = loader(shards, rank=0, world_size=2, workers=1)
+    with pytest.raises(ValueError, match=r"same seed, world size and data\.workers"):
+        other.load_state_dict(state)
+
+
+def test_ranks_and_workers_split_one_epoch_exactly(shards):
+    """Without resampling, every clip is read once per epoch, by exactly one (rank, worker)."""
+    keys_by_consumer = {}
+    for rank in range(2):
+        source = loader(shards, rank=rank, world_size=2, batch_size=1, crops_per_clip=1)
+        iterator = iter(source)
+        seen = {0: [], 1: []}
+        while True:
+            batch = next(iterator)
+            state = source.state_dict()
+            worker = (state["next_worker"] - 1) % 2
+            if state["workers"][worker]["epoch"] == 0:
+                seen[worker].extend(batch.keys)
+            if len(state["workers"]) == 2 and all(w["epoch"] >= 1 for w in state["workers"].values()):
+                break
+        for worker, keys in seen.items():
+            keys_by_consumer[rank, worker] = keys
+    everything = [key for keys in keys_by_consumer.values() for key in keys]
+    assert len(everything) == len(set(everything)) == 32
+    assert all(keys for keys in keys_by_consumer.values())
+
+
+def test_fewer_shards_than_consumers_fails_at_once_unless_resampling(shards):
+    with pytest.raises(ValueError, match=r"8 shard\(s\) for 5 rank\(s\) x 2 worker\(s\)"):
+        loader(shards, world_size=5)
+    batches = take(loader(shards, rank=4, world_size=5, resample=True), 8)  # never hangs
+    assert len(batches) == 8
+
+
+def write_tar(path, records):
+    with wds.TarWriter(str(path)) as sink:
+        for record in records:
+            sink.write(record)
+
+
+def flac_record(key, seconds=6.0, rate=16_000, seed=0):
+    audio = tone(seconds, rate, seed)[:, 0]
+    buffer = io.BytesIO()
+    sf.write(buffer, audio, rate, format="FLAC", subtype="PCM_16")
+    return {"__key__": key, "flac": buffer.getvalue(), "json": b"{}"}
+
+
+def truncate_inside(path, member):
+    """Cut a tar file in the middle of `member`'s data, as an interrupted copy would."""
+    with tarfile.open(path) as tar:
+        info = tar.getmember(member)
+    path.write_bytes(path.read_bytes()[: info.offset_data + info.size // 2])
+
+
+def test_bad_data_is_skipped_and_counted_by_reason(tmp_path):
+    nan = tone(6.0, 16_000, seed=1)[:, 0]
+    nan[100] = np.nan
+    nan_wav = io.BytesIO()
+    sf.write(nan_wav, nan, 16_000, format="WAV", subtype="FLOAT")
+    write_tar(
+        tmp_path / "bad-0.tar",
+        [
+            flac_record("good0"),
+            {"__key__": "corrupt", "flac": b"fLaC but not really", "json": b"{}"},
+            {"__key__": "empty", "flac": encode_flac(np.zeros(0, dtype=np.float32)), "json": b"{}"},
+            {"__key__": "nonfinite", "flac": nan_wav.getvalue(), "json": b"{}"},
+            flac_record("wrongrate", rate=22_050),
+            flac_record("short", seconds=2.0),
+            {"__key__": "noaudio", "json": b"{}"},
+            flac_record("good1", seed=2),
+        ],
+    )
+    write_tar(tmp_path / "bad-1.tar", [flac_record("fine0", seed=10), flac_record("fine1", seed=11)])
+    truncate_inside(tmp_path / "bad-1.tar", "fine1.flac")
+    pattern = str(tmp_path / "bad-{0..2}.tar")  # bad-2.tar does not exist
+    source = StreamingLoader(
+        DataConfig(shards=pattern, batch_size=1, crops_per_clip=1, workers=0, shuffle_buffer=1),
+        frames=FRAMES_5S,
+    )
+    keys, iterator = [], iter(source)
+    while source.state_dict()["workers"].get(0, {"epoch": 0})["epoch"] == 0:
+        keys.extend(next(iterator).keys)
+    assert sorted(keys[:-1]) == ["fine0", "good0", "good1"]  # the last batch is epoch 1's first
+    epoch_0 = source.state_dict()["workers"][0]["skipped_at_epoch_start"]
+    assert epoch_0 == {
+        "unreadable_shard": 1,
+        "truncated_tar": 1,
+        "incomplete_record": 1,
+        "corrupt_audio": 1,
+        "empty_audio": 1,
+        "non_finite": 1,
+        "wrong_sample_rate": 1,
+        "too_short": 1,
+    }
+    assert set(epoch_0) == set(SKIP_REASONS)
+    assert all(source.skipped()[reason] >= count for reason, count in epoch_0.items())
+
+
+def test_nothing_readable_is_a_clear_error(tmp_path):
+    source = StreamingLoader(
+        DataConfig(shards=str(tmp_path / "missing-{0..1}.tar"), batch_size=2, workers=0), frames=FRAMES_5S
+    )
+    with pytest.raises(RuntimeError, match="no usable audio"):
+        take(source, 1)
+
+
+def test_a_missing_manifest_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"manifest\.json"):
+        StreamingLoader(DataConfig(shards=str(tmp_path / "manifest.json")), frames=FRAMES_5S)

@@ -31,22 +31,47 @@ def span_mask(
     num_spans = max(min_spans, int(mask_prob * frames / span + rng.random()))
     num_spans = min(num_spans, frames - 1)  # fairseq would fail to draw more distinct starts than there are frames
     start_range = frames - span if frames - span > num_spans else num_spans + 1
-    # Distinct starts per row: the first num_spans entries of a random permutation of range(start_range).
-    starts = rng.random((batch, start_range)).argsort(axis=1)[:, :num_spans]  # (batch, num_spans)
-    frame_index = (starts[:, :, None] + np.arange(span)).reshape(batch, -1)  # (batch, num_spans * span)
-    rows = np.broadcast_to(np.arange(batch)[:, None], frame_index.shape)
-    inside = frame_index < frames
-    mask = np.zeros((batch, frames), dtype=bool)
-    mask[rows[inside], frame_index[inside]] = True
+    starts = _smallest_keys(_random_keys(rng, (batch, start_range)), num_spans)  # distinct, uniform
+    spans = (starts[:, :, None] + np.arange(span)).reshape(batch, -1)
+    mask = _true_at(spans, width=frames + span)[:, :frames]  # spans may run past the end: cut there
     return _equalize(mask, rng)
 
 
 def _equalize(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Keep a uniformly random subset of each row's masked frames, as many as the sparsest row has."""
-    keep = mask.sum(axis=1).min()
-    # Masked frames get random keys, unmasked ones +inf: the `keep` smallest keys are a random subset of the masked.
-    keys = np.where(mask, rng.random(mask.shape), np.inf)
-    chosen = np.argsort(keys, axis=1)[:, :keep]
-    equalized = np.zeros_like(mask)
-    np.put_along_axis(equalized, chosen, values=True, axis=1)
-    return equalized
+    keys = _random_keys(rng, mask.shape)
+    keys[~mask] = _NEVER
+    keep = _smallest_keys(keys, int(mask.sum(axis=1).min()))
+    return _true_at(keep, width=mask.shape[1])
+
+
+def _true_at(columns: np.ndarray, width: int) -> np.ndarray:
+    """(rows, width) bool array, True at each row's `columns` (a flat scatter: twice as fast as put_along_axis)."""
+    rows = columns.shape[0]
+    flat = np.zeros(rows * width, dtype=bool)
+    flat[(columns + (np.arange(rows) * width)[:, None]).ravel()] = True
+    return flat.reshape(rows, width)
+
+
+# Random selection by sorting keys: each column gets a random 64-bit key whose low 16 bits are replaced by the
+# column index (rows are far shorter than 65,536 frames), so keys never tie and carry their column with them. The
+# `count` smallest keys of a row are a uniform random subset of its columns; a linear-time partition of the key
+# values finds them, about twice as fast as arg-partitioning.
+_COLUMN_BITS = np.uint64(0xFFFF)
+_NEVER = np.iinfo(np.uint64).max
+
+
+def _random_keys(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    bits = rng.random(shape).view(np.uint64)  # the bit patterns of non-negative doubles sort like the doubles
+    bits &= ~_COLUMN_BITS
+    bits |= np.arange(shape[1], dtype=np.uint64)
+    return bits
+
+
+def _smallest_keys(keys: np.ndarray, count: int) -> np.ndarray:
+    """Column indices of the `count` smallest keys of each row, in no particular order."""
+    if count == 0:
+        return np.zeros((keys.shape[0], 0), dtype=np.int64)
+    if count < keys.shape[1]:
+        keys = np.partition(keys, count - 1, axis=1)[:, :count]
+    return (keys & _COLUMN_BITS).astype(np.int64)

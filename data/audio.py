@@ -47,11 +47,23 @@ def encode_flac(audio: np.ndarray) -> bytes:
 
 
 def decode_flac(data: bytes) -> tuple[np.ndarray, int]:
-    """(audio float32 mono, sample rate) of FLAC bytes written by `encode_flac`."""
-    audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    return audio.mean(axis=1) if audio.shape[1] > 1 else audio[:, 0], rate
+    """(contiguous float32 mono audio, sample rate) of FLAC bytes written by `encode_flac`."""
+    audio, rate = sf.read(io.BytesIO(data), dtype="float32")
+    return (audio.mean(axis=1, dtype=np.float32) if audio.ndim > 1 else audio), rate
+
+
+def clip_stats(audio: np.ndarray) -> tuple[float, float]:
+    """(mean, scale) such that (audio - mean) * scale has zero mean and unit variance over the whole clip.
+
+    fairseq's `normalize: true` (F.layer_norm over the file, eps 1e-5), from one pass for the sum and one BLAS dot
+    for the sum of squares. Non-finite samples make both non-finite, so callers can check them here for free.
+    """
+    mean = float(audio.sum(dtype=np.float64)) / audio.size
+    variance = float(np.dot(audio, audio)) / audio.size - mean * mean
+    return mean, 1.0 / float(np.sqrt(max(variance, 0.0) + NORMALIZE_EPS))
 
 
 def normalize(audio: np.ndarray) -> np.ndarray:
-    """Zero mean, unit variance over the whole clip (fairseq's `normalize: true`, applied before cropping)."""
-    return ((audio - audio.mean()) / np.sqrt(audio.var() + NORMALIZE_EPS)).astype(np.float32)
+    """Zero mean, unit variance over the whole clip (applied before cropping, as in pretraining)."""
+    mean, scale = clip_stats(audio)
+    return ((audio - mean) * scale).astype(np.float32)

@@ -32,7 +32,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import tar_file_iterator
 
-from data.audio import SAMPLE_RATE, decode_flac, normalize
+from data.audio import SAMPLE_RATE, clip_stats, decode_flac
 from data.config import DataConfig
 from data.masking import span_mask
 
@@ -116,6 +116,20 @@ class ConsumerState:
         return cls(state["epoch"], state["records"], state["crops"], state["batches"], +skipped, at_start)
 
 
+class _Clip(NamedTuple):
+    audio: np.ndarray  # decoded, 16 kHz
+    mean: float  # of the whole clip
+    scale: float  # 1 / std of the whole clip
+
+
+@dataclass
+class _Crop:
+    key: str
+    samples: np.ndarray  # a view into the decoded clip
+    mean: float  # of the whole clip: the crop becomes (samples - mean) * scale
+    scale: float
+
+
 @dataclass
 class _Tagged:
     """What a worker sends: the batch, which logical worker made it, and that worker's position after it."""
@@ -152,16 +166,19 @@ class ShardStream(IterableDataset):
 
     def batches(self, worker: int, state: ConsumerState) -> Iterator[_Tagged]:
         """Batches of this rank's logical `worker`, from position `state` on, forever."""
-        crops: list[np.ndarray] = []
+        audio = np.empty((self.cfg.batch_size, self.crop_samples), dtype=np.float32)
         keys: list[str] = []
-        for key, crop, position in self._crops(worker, state):
-            crops.append(crop)
-            keys.append(key)
-            if len(crops) < self.cfg.batch_size:
+        for crop, position in self._crops(worker, state):
+            # Normalising while copying into the batch equals normalising the clip, then cropping: it is affine.
+            row = audio[len(keys)]
+            np.subtract(crop.samples, crop.mean, out=row)
+            row *= crop.scale
+            keys.append(crop.key)
+            if len(keys) < self.cfg.batch_size:
                 continue
             state.epoch, state.records, state.crops = position
             mask = span_mask(
-                len(crops),
+                len(keys),
                 self.frames,
                 mask_prob=self.cfg.mask_prob,
                 span=self.cfg.mask_length,
@@ -169,12 +186,12 @@ class ShardStream(IterableDataset):
                 rng=_seed(self.cfg.seed, self.rank, worker, state.batches),
             )
             state.batches += 1
-            batch = Batch(torch.from_numpy(np.stack(crops)), torch.from_numpy(mask), keys)
-            yield _Tagged(batch, worker, state.to_dict())
-            crops, keys = [], []
+            yield _Tagged(Batch(torch.from_numpy(audio), torch.from_numpy(mask), keys), worker, state.to_dict())
+            audio = np.empty_like(audio)
+            keys = []
 
-    def _crops(self, worker: int, state: ConsumerState) -> Iterator[tuple[str, np.ndarray, tuple[int, int, int]]]:
-        """(key, crop, position after it) for every crop from `state`'s position on; epochs follow one another."""
+    def _crops(self, worker: int, state: ConsumerState) -> Iterator[tuple[_Crop, tuple[int, int, int]]]:
+        """(crop, position after it) for every crop from `state`'s position on; epochs follow one another."""
         epoch, skip_records, skip_crops = state.epoch, state.records, state.crops
         empty_epochs = 0
         while True:
@@ -183,14 +200,14 @@ class ShardStream(IterableDataset):
                 if index < skip_records or (index == skip_records and skip_crops >= self.cfg.crops_per_clip):
                     progressed = True  # consumed before the resume point: replayed without decoding
                     continue
-                audio = self._decode(record, state.skipped)
-                if audio is None:
+                clip = self._decode(record, state.skipped)
+                if clip is None:
                     continue
                 first = skip_crops if index == skip_records else 0
-                for number, crop in enumerate(self._random_crops(audio, record["__key__"], epoch)):
+                for number, crop in enumerate(self._random_crops(clip, record["__key__"], epoch)):
                     if number >= first:
                         progressed = True
-                        yield record["__key__"], crop, (epoch, index, number + 1)
+                        yield crop, (epoch, index, number + 1)
             empty_epochs = 0 if progressed else empty_epochs + 1
             if empty_epochs >= self._patience():
                 raise RuntimeError(
@@ -227,7 +244,8 @@ class ShardStream(IterableDataset):
         while buffer:
             yield _pop_random(buffer, rng)
 
-    def _decode(self, record: dict[str, Any], skipped: Counter[str]) -> np.ndarray | None:
+    def _decode(self, record: dict[str, Any], skipped: Counter[str]) -> _Clip | None:
+        """The decoded clip of a usable record; None, counted by reason, for anything else."""
         if "flac" not in record:
             skipped["incomplete_record"] += 1
             return None
@@ -239,25 +257,26 @@ class ShardStream(IterableDataset):
         except Exception:  # noqa: BLE001 - any undecodable payload is skipped and counted
             skipped["corrupt_audio"] += 1
             return None
-        reason = None
+        reason, mean, scale = None, 0.0, 1.0
         if audio.size == 0:
             reason = "empty_audio"
         elif rate != SAMPLE_RATE:
             reason = "wrong_sample_rate"
-        elif not np.isfinite(audio).all():
-            reason = "non_finite"
         elif audio.size < self.crop_samples:
             reason = "too_short"
+        else:
+            mean, scale = clip_stats(audio)
+            reason = None if math.isfinite(mean) and math.isfinite(scale) and scale > 0 else "non_finite"
         if reason:
             skipped[reason] += 1
             return None
-        return normalize(audio)
+        return _Clip(audio, mean, scale)
 
-    def _random_crops(self, audio: np.ndarray, key: str, epoch: int) -> Iterator[np.ndarray]:
+    def _random_crops(self, clip: _Clip, key: str, epoch: int) -> Iterator[_Crop]:
         rng = _seed(self.cfg.seed, epoch, zlib.crc32(key.encode()))
-        starts = rng.integers(0, audio.size - self.crop_samples + 1, size=self.cfg.crops_per_clip)
+        starts = rng.integers(0, clip.audio.size - self.crop_samples + 1, size=self.cfg.crops_per_clip)
         for start in starts:
-            yield audio[start : start + self.crop_samples]
+            yield _Crop(key, clip.audio[start : start + self.crop_samples], clip.mean, clip.scale)
 
 
 def _pop_random(buffer: list[Any], rng: np.random.Generator) -> Any:

@@ -5,7 +5,8 @@ The stream is defined per *consumer*, one per (rank, DataLoader worker). In epoc
 seeded by (seed, e, rank, worker), decodes each record, normalises the whole clip, and cuts `crops_per_clip` random
 crops (seeded by the record's key); crops fill batches, and each batch gets span masks seeded by (seed, rank,
 worker, batch index). When a consumer's shards run out it starts its next epoch, so the stream never ends and no
-rank ever waits for another. With `resample`, consumers instead draw shards with replacement, forever.
+rank ever waits for another. With `resample`, each epoch of a consumer is instead as many shards as a fair split would
+give it (at least one), drawn with replacement by (seed, epoch, consumer).
 
 Fewer shards than consumers is refused when the loader is built (without `resample`): a consumer with no shard
 would have nothing to give, and a DataLoader waiting for it would hang.
@@ -81,8 +82,9 @@ class Batch:
     keys: list[str]  # the sample key each crop came from
 
 
-# Counted while reading shards, so counted again when a resumed worker replays its epoch (see ConsumerState.resumed).
-READ_LEVEL_REASONS = ("unreadable_shard", "truncated_tar", "incomplete_record")
+# Counted while reading shards, so counted again when a resumed worker replays its epoch (see ConsumerState.resumed);
+# the other reasons are counted when decoding, which the replay skips.
+READ_LEVEL_REASONS = ("unreadable_shard", "truncated_tar")
 
 
 @dataclass

@@ -168,3 +168,24 @@ def test_nothing_readable_is_a_clear_error(tmp_path):
 def test_a_missing_manifest_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"manifest\.json"):
         StreamingLoader(DataConfig(shards=str(tmp_path / "manifest.json")), frames=FRAMES_5S)
+
+
+def test_skip_counts_survive_a_resume_without_double_counting(tmp_path):
+    write_tar(
+        tmp_path / "mixed-0.tar",
+        [flac_record("a"), {"__key__": "corrupt", "flac": b"junk", "json": b"{}"}, flac_record("b", seed=3)],
+    )
+    write_tar(tmp_path / "mixed-1.tar", [flac_record("c", seed=4), {"__key__": "noaudio", "json": b"{}"}])
+    write_tar(tmp_path / "mixed-2.tar", [flac_record("d", seed=5), flac_record("e", seed=6)])
+    truncate_inside(tmp_path / "mixed-2.tar", "e.flac")
+    cfg = DataConfig(shards=str(tmp_path / "mixed-{0..3}.tar"), batch_size=1, crops_per_clip=2, workers=0)
+    uninterrupted = StreamingLoader(cfg, frames=FRAMES_5S)
+    take(uninterrupted, 17)  # into the third epoch: 4 good clips x 2 crops per epoch
+    for stop in range(1, 17):  # every resume point of two epochs
+        interrupted = StreamingLoader(cfg, frames=FRAMES_5S)
+        take(interrupted, stop)
+        resumed = StreamingLoader(cfg, frames=FRAMES_5S)
+        resumed.load_state_dict(interrupted.state_dict())
+        take(resumed, 17 - stop)
+        assert resumed.skipped() == uninterrupted.skipped(), f"resumed after {stop} batches"
+    assert uninterrupted.skipped()["corrupt_audio"] >= 2  # once in each epoch read so far

@@ -81,6 +81,9 @@ class Batch:
     mask: torch.Tensor  # (batch, frames) bool, True where the student sees the mask embedding
     keys: list[str]  # the sample key each crop came from
 
+    def pin_memory(self) -> Batch:  # called by DataLoader(pin_memory=True) for custom batch types
+        return Batch(self.audio.pin_memory(), self.mask.pin_memory(), self.keys)
+
 
 # Counted while reading shards, so counted again when a resumed worker replays its epoch (see ConsumerState.resumed);
 # the other reasons are counted when decoding, which the replay skips.
@@ -139,6 +142,9 @@ class _Tagged:
     batch: Batch
     worker: int
     state: dict[str, Any]
+
+    def pin_memory(self) -> _Tagged:
+        return _Tagged(self.batch.pin_memory(), self.worker, self.state)
 
 
 def _seed(*parts: int) -> np.random.Generator:
@@ -340,7 +346,7 @@ class StreamingLoader:
             self.stream,
             batch_size=None,  # workers make whole batches
             num_workers=self.cfg.workers,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=torch.cuda.is_available(),  # page-locked batches copy to the GPU asynchronously
         )
         for tagged in loader:
             self._workers[tagged.worker] = tagged.state

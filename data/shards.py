@@ -95,7 +95,12 @@ def clip_key(path: str, clip: int) -> str:
 def read_labels(path: str) -> dict[str, Any]:
     """Labels from a sidecar `<name>.json` beside the audio file, if there is one."""
     sidecar = Path(path).with_suffix(".json")
-    return json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    if not sidecar.is_file():
+        return {}
+    try:
+        return json.loads(sidecar.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"labels in {sidecar} are not valid JSON: {error}") from None
 
 
 def process_file(job: tuple[int, str, ShardParams]) -> FileResult:
@@ -104,9 +109,13 @@ def process_file(job: tuple[int, str, ShardParams]) -> FileResult:
     result = FileResult(index)
     try:
         decoded = decode_file(path)
-        labels = read_labels(path)
     except Exception as error:  # noqa: BLE001 - any unreadable input is a rejection, never a crash
         result.rejection = {"reason": "unreadable", "detail": f"{type(error).__name__}: {error}"}
+        return result
+    try:
+        labels = read_labels(path)
+    except ValueError as error:
+        result.rejection = {"reason": "invalid labels", "detail": str(error)}
         return result
     audio = decoded.audio
     duration = audio.size / SAMPLE_RATE

@@ -89,12 +89,16 @@ def test_bad_inputs_are_rejected_with_reasons_and_the_run_goes_on(tmp_path):
     nan = tone(7.0, 16_000, seed=2)
     nan[1000] = np.nan
     sf.write(folder / "nan.wav", nan, 16_000, subtype="FLOAT")
+    sf.write(folder / "mislabelled.wav", tone(7.0, 16_000, seed=3), 16_000)
+    (folder / "mislabelled.json").write_text("{genre: rock")
     manifest = write_shards([str(folder)], tmp_path / "out", TEST_PARAMS, progress=False)
     assert manifest["total_samples"] == 1
-    assert manifest["rejected"] == 4
+    assert manifest["rejected"] == 5
     rejected = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
     reasons = {Path(r["path"]).name: r["reason"] for r in rejected}
+    assert "mislabelled.json are not valid JSON" in next(r["detail"] for r in rejected if "mislabelled" in r["path"])
     assert reasons == {
+        "mislabelled.wav": "invalid labels",
         "broken.wav": "unreadable",
         "short.wav": "too short",
         "silent.wav": "silent",

@@ -189,3 +189,17 @@ def test_skip_counts_survive_a_resume_without_double_counting(tmp_path):
         take(resumed, 17 - stop)
         assert resumed.skipped() == uninterrupted.skipped(), f"resumed after {stop} batches"
     assert uninterrupted.skipped()["corrupt_audio"] >= 2  # once in each epoch read so far
+
+
+def test_pipe_urls_stream_through_a_command(shards):
+    pattern = f"pipe:cat {shards}/shard-{{000000..000007}}.tar"
+    batches = take(StreamingLoader(DataConfig(shards=pattern, batch_size=4, workers=2), frames=FRAMES_5S), 3)
+    assert all(batch.audio.shape == (4, 80_000) for batch in batches)
+
+
+def test_unthinned_masks_are_whole_spans_of_ten(shards):
+    """With one crop per batch nothing is thinned, so every masked run is one or more merged 10-frame spans."""
+    for batch in take(loader(shards, batch_size=1), 20):
+        row = batch.mask[0].numpy().astype(int)
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], row, [0]])))
+        assert ((edges[1::2] - edges[::2]) >= 10).all()

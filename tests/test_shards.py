@@ -67,13 +67,16 @@ def test_inputs_of_every_kind_and_labels_from_sidecars(tmp_path):
     sf.write(loose, tone(7.0, 32_000, seed=9)[:, 0], 32_000)
     listed = tmp_path / "listed.mp3"
     sf.write(listed, tone(7.0, 44_100, seed=10), 44_100)
+    opus = tmp_path / "listed.opus"
+    sf.write(opus, tone(7.0, 48_000, seed=11, channels=2), 48_000, format="OGG", subtype="OPUS")
     listing = tmp_path / "paths.txt"
-    listing.write_text(f"# a comment\n{listed}\n{tmp_path / 'gone.wav'}\n")
+    listing.write_text(f"# a comment\n{listed}\n{opus}\n{tmp_path / 'gone.wav'}\n")
     pattern = str(tmp_path / "lo*.flac")
     manifest = write_shards([str(folder), pattern, str(listing)], tmp_path / "out", TEST_PARAMS, progress=False)
-    assert manifest["total_samples"] == 4  # two nested files, the globbed one, the listed mp3
+    assert manifest["total_samples"] == 5  # two nested files, the globbed one, the listed mp3 and opus
     sources = {Path(r["source"]).name: r for r, _, _ in all_records(tmp_path / "out").values()}
-    assert set(sources) == {paths[0].name, paths[1].name, "loose.flac", "listed.mp3"}
+    assert set(sources) == {paths[0].name, paths[1].name, "loose.flac", "listed.mp3", "listed.opus"}
+    assert (sources["listed.opus"]["original_sample_rate"], sources["listed.opus"]["original_channels"]) == (48_000, 2)
     assert sources[paths[0].name]["labels"] == {"genre": "test", "tempo": 120}
     assert sources["loose.flac"]["labels"] == {}
     rejected = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]

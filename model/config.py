@@ -44,6 +44,8 @@ class ModelConfig:
     ema_anneal_end_step: int = 30_000  # model.ema_anneal_end_step
 
     def __post_init__(self) -> None:
+        # YAML gives lists; the config stays hashable and comparable with tuples.
+        object.__setattr__(self, "conv_layers", tuple(tuple(layer) for layer in self.conv_layers))
         problems = list(_problems(self))
         if problems:
             raise ValueError("invalid model config: " + "; ".join(problems))

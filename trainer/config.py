@@ -1,0 +1,154 @@
+"""Experiment configuration: one dataclass per package composed into `ExperimentConfig`, loaded from YAML + overrides.
+
+A YAML under configs/ is a short diff against the defaults in code. `model.preset` picks the architecture preset
+that the other `model.*` keys then override. Unknown keys and values of the wrong type are refused by OmegaConf with
+the key's full name; values out of range are refused by each dataclass's own checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data.config import DataConfig
+from model.config import PRESETS, ModelConfig, preset
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and the tri-stage schedule of data2vec-audio base (fairseq `optimization` / `lr_scheduler`)."""
+
+    lr: float = 5e-4  # optimization.lr: the peak
+    betas: tuple[float, float] = (0.9, 0.98)  # optimizer.adam_betas
+    eps: float = 1e-6  # optimizer.adam_eps
+    weight_decay: float = 0.01  # optimizer.weight_decay, on every parameter as in fairseq
+    max_updates: int = 400_000  # optimization.max_update
+    phase_ratio: tuple[float, float, float] = (0.03, 0.9, 0.07)  # lr_scheduler.phase_ratio: warm-up, hold, decay
+    init_lr_scale: float = 0.01  # lr_scheduler.init_lr_scale
+    final_lr_scale: float = 0.01  # lr_scheduler.final_lr_scale
+    clip_norm: float = 0.0  # optimization.clip_norm: 0 disables clipping, as in the reference recipe
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.lr > 0, f"optim.lr={self.lr} must be positive"),
+            (self.max_updates >= 1, f"optim.max_updates={self.max_updates} must be >= 1"),
+            (
+                math.isclose(sum(self.phase_ratio), 1.0) and min(self.phase_ratio) >= 0,
+                f"optim.phase_ratio={list(self.phase_ratio)} must be three non-negative fractions summing to 1",
+            ),
+            (0 < self.init_lr_scale <= 1 and 0 < self.final_lr_scale <= 1, "optim lr scales must be in (0, 1]"),
+            (self.clip_norm >= 0, f"optim.clip_norm={self.clip_norm} must be >= 0"),
+            (all(0 <= b < 1 for b in self.betas), f"optim.betas={list(self.betas)} must be in [0, 1)"),
+        ]
+        _refuse([message for ok, message in checks if not ok])
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The run: where it writes, how big a step is, precision and ZeRO, logging, checkpoints and guards."""
+
+    run_dir: str = "runs/music2vec"
+    grad_accum: int = 1  # micro-batches per optimizer step (data.batch_size crops each, on every rank)
+    precision: Precision = "bf16"
+    zero_stage: int = 2
+    offload: bool = False  # ZeRO optimizer state in CPU memory
+    ds_config: str = ""  # a DeepSpeed JSON to start from; empty: ds_configs/zero{stage}[_offload].json
+    seed: int = 1  # fairseq's default
+    log_every: int = 50
+    checkpoint_every: int = 5_000
+    keep_last: int = 3  # the newest checkpoints kept ...
+    keep_every: int = 25_000  # ... and every one at a multiple of this, permanently (0: none)
+    max_nonfinite: int = 20  # consecutive steps with a non-finite loss before the run aborts
+    min_target_var: float = 0.1  # spec §4: collapse when target_var falls below this ...
+    collapse_check_after: int = 5_000  # ... once this many updates are done
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.grad_accum >= 1, f"train.grad_accum={self.grad_accum} must be >= 1"),
+            (self.zero_stage in (1, 2, 3), f"train.zero_stage={self.zero_stage} must be 1, 2 or 3"),
+            (not self.offload or self.zero_stage in (2, 3), "train.offload needs train.zero_stage 2 or 3"),
+            (self.log_every >= 1, f"train.log_every={self.log_every} must be >= 1"),
+            (self.checkpoint_every >= 1, f"train.checkpoint_every={self.checkpoint_every} must be >= 1"),
+            (self.keep_last >= 1, f"train.keep_last={self.keep_last} must be >= 1"),
+            (self.keep_every >= 0, f"train.keep_every={self.keep_every} must be >= 0"),
+            (self.max_nonfinite >= 1, f"train.max_nonfinite={self.max_nonfinite} must be >= 1"),
+        ]
+        _refuse([message for ok, message in checks if not ok])
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))  # tuples become lists, as in YAML
+
+    def digest(self) -> str:
+        """Identifies what a run computes; checkpoints carry it so a run directory is never resumed with another."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _refuse(problems: list[str]) -> None:
+    if problems:
+        raise ValueError("invalid config: " + "; ".join(problems))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Defaults, then the YAML at `path`, then `key=value` overrides; validated into an `ExperimentConfig`."""
+    source = str(path) if path else "defaults"
+    try:
+        layers = [_mapping(OmegaConf.load(path), source)] if path else []
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        preset_name = _pop_preset(layers)
+        schema = OmegaConf.structured(ExperimentConfig(model=preset(preset_name)))
+        merged = OmegaConf.merge(schema, *layers)
+        return OmegaConf.to_object(merged)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{source}: no such config file") from None
+    except OmegaConfBaseException as error:
+        raise ValueError(f"{source}: {_first_line(error)}") from None
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{source}: {error}") from None
+
+
+def _mapping(layer: Any, source: str) -> DictConfig:
+    if not isinstance(layer, DictConfig):
+        raise TypeError(f"{source}: expected a mapping of sections (model, data, optim, train)")
+    return layer
+
+
+def _pop_preset(layers: list[DictConfig]) -> str:
+    """The last `model.preset` given (YAML, then overrides), removed from the layers: it is not a model field."""
+    name = "base"
+    for layer in layers:
+        model = layer.get("model")
+        if isinstance(model, DictConfig) and "preset" in model:
+            name = str(model.pop("preset"))
+    if name not in PRESETS:
+        raise ValueError(f"model.preset={name!r} is not one of {sorted(PRESETS)}")
+    return name
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] + _full_key(error)
+
+
+def _full_key(error: Exception) -> str:
+    key = getattr(error, "full_key", None)
+    return f" (key: {key})" if key else ""
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.create(cfg.to_dict())))

@@ -47,6 +47,23 @@ def _shard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from cluster.environment import from_environment, init_distributed
+    from trainer.config import load_config
+    from trainer.train import train
+
+    cfg = load_config(args.config, args.overrides)  # a bad config fails here, before any process group starts
+    init_distributed(from_environment())
+    summary = train(cfg, allow_config_change=args.allow_config_change)
+    if int(os.environ.get("RANK", "0")) == 0:
+        ended = f"stopped by {summary.stopped_by}" if summary.stopped_by else "done"
+        print(
+            f"{ended}: updates {summary.start_step} -> {summary.end_step}, loss {summary.first_loss} ->"
+            f" {summary.last_loss}, {summary.audio_seconds_per_s:.0f} audio-s/s; run directory {summary.run_dir}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="music2vec",
@@ -72,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--shard-max-bytes", type=float, default=1e9, help="bytes per shard (default: %(default)g)")
     shard.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="decoding processes (default: all cores)")
     shard.set_defaults(run=_shard)
+
+    train = commands.add_parser(
+        "train", help="train on this machine: one process, or every rank under torchrun / the deepspeed launcher"
+    )
+    train.add_argument("config", help="experiment YAML (configs/...)")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=3e-4")
+    train.add_argument(
+        "--allow-config-change", action="store_true", help="continue a run directory whose config was different"
+    )
+    train.set_defaults(run=_train)
     return parser
 
 

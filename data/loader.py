@@ -347,6 +347,9 @@ class StreamingLoader:
             batch_size=None,  # workers make whole batches
             num_workers=self.cfg.workers,
             pin_memory=torch.cuda.is_available(),  # page-locked batches copy to the GPU asynchronously
+            # Workers seed themselves from the config; a private generator keeps DataLoader from drawing its worker
+            # seeds from torch's global RNG, whose stream dropout and LayerDrop must see unchanged across a resume.
+            generator=torch.Generator().manual_seed(self.cfg.seed),
         )
         for tagged in loader:
             self._workers[tagged.worker] = tagged.state

@@ -49,3 +49,14 @@ def shards(corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards")
     write_shards([str(corpus)], out, TEST_PARAMS, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> Path:
+    """Procedural demo music (12 pieces of 8 s) in 6 shards: what the trainer tests train on."""
+    from data.demo import write_demo_corpus
+
+    folder = tmp_path_factory.mktemp("demo")
+    write_demo_corpus(folder / "audio", clips=12, seconds=8.0)
+    write_shards([str(folder / "audio")], folder / "shards", ShardParams(clip_seconds=8, min_seconds=4, max_count=2))
+    return folder / "shards" / "manifest.json"

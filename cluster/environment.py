@@ -1,0 +1,60 @@
+"""Distributed environment: torchrun / the deepspeed launcher / a single process, mapped onto one description.
+
+torchrun and the deepspeed launcher export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a plain
+`music2vec train` gets a one-rank world on a free local port. The process group uses NCCL on GPUs and gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistributedEnvironment:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+
+    def export(self) -> None:
+        os.environ.update(
+            RANK=str(self.rank),
+            LOCAL_RANK=str(self.local_rank),
+            WORLD_SIZE=str(self.world_size),
+            MASTER_ADDR=self.master_addr,
+            MASTER_PORT=str(self.master_port),
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def from_environment() -> DistributedEnvironment:
+    """What a launcher exported, or a single local rank."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return DistributedEnvironment(
+            rank=int(os.environ["RANK"]),
+            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+            world_size=int(os.environ["WORLD_SIZE"]),
+            master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(os.environ.get("MASTER_PORT", "29500")),
+        )
+    return DistributedEnvironment(0, 0, 1, "127.0.0.1", free_port())
+
+
+def init_distributed(env: DistributedEnvironment) -> None:
+    """Start the process group DeepSpeed uses (NCCL with one GPU per rank, gloo on CPU)."""
+    import deepspeed
+
+    env.export()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)

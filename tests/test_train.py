@@ -1,0 +1,126 @@
+"""The trainer as users run it: `music2vec train` processes, killed, signalled and resumed; its files read back."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import Data2VecAudioModel
+
+from trainer.checkpoint import complete_checkpoints
+from trainer.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+MUSIC2VEC = str(Path(sys.executable).parent / "music2vec")
+UPDATES = 24
+
+
+def command(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        MUSIC2VEC,
+        "train",
+        str(ROOT / "configs" / "tiny.yaml"),
+        f"data.shards={shards}",
+        f"train.run_dir={run_dir}",
+        f"optim.max_updates={UPDATES}",
+        "train.checkpoint_every=8",
+        "train.log_every=4",
+        "train.keep_last=5",
+        *extra,
+    ]
+
+
+def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600, **kwargs)
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"training ended before {path} appeared"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def straight(demo_shards, tmp_path_factory) -> Path:
+    """A run of UPDATES updates, never interrupted: the reference."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    result = run(command(demo_shards, run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_a_run_writes_checkpoints_exports_metrics_and_tensorboard(straight):
+    assert [step for step, _ in complete_checkpoints(straight)] == [8, 16, 24]
+    assert (straight / "config.yaml").is_file()
+    assert json.loads((straight / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
+    metrics = read_metrics(straight)
+    assert [m["step"] for m in metrics] == list(range(1, UPDATES + 1))
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    events = EventAccumulator(str(straight / "tb"))
+    events.Reload()
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [4, 8, 12, 16, 20, 24]
+    tags = set(events.Tags()["scalars"])
+    for name in ("lr", "ema_decay", "grad_norm", "target_var", "pred_var", "masked_fraction", "audio_seconds_per_s"):
+        assert f"train/{name}" in tags
+    assert {"train/samples_per_s", "train/step_time", "train/data_wait_fraction", "system/max_rss_gb"} <= tags
+    assert "train/loader_skipped_corrupt_audio" in tags
+    export = Data2VecAudioModel.from_pretrained(straight / "exports" / "step_000000024")
+    assert export.config.hidden_size == 64
+
+
+def test_killed_run_resumes_exactly(demo_shards, straight, tmp_path):
+    """kill -9 after the step-8 checkpoint, run the same command again: same losses, same weights."""
+    cmd = command(demo_shards, tmp_path)
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(tmp_path / "checkpoints" / "step_000000008" / "COMPLETE", process)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    result = run(cmd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming" in result.stdout
+    assert [m["loss"] for m in read_metrics(tmp_path)] == [m["loss"] for m in read_metrics(straight)]
+    for name in ("exports/step_000000024/model.safetensors", "checkpoints/step_000000024/teacher.safetensors"):
+        ours, reference = load_file(tmp_path / name), load_file(straight / name)
+        assert ours.keys() == reference.keys()
+        for key, tensor in reference.items():
+            assert torch.equal(ours[key], tensor), f"{name}: {key}"
+
+
+def test_a_stop_signal_checkpoints_at_the_next_update_and_exits_cleanly(demo_shards, tmp_path):
+    process = subprocess.Popen(
+        command(demo_shards, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    wait_for(tmp_path / "metrics.jsonl", process)
+    process.send_signal(signal.SIGUSR1)
+    stdout, _ = process.communicate(timeout=300)
+    assert process.returncode == 0
+    assert "stopped by SIGUSR1" in stdout
+    step, folder = complete_checkpoints(tmp_path)[-1]
+    assert step == read_metrics(tmp_path)[-1]["step"] < UPDATES  # saved where it stopped, not on the schedule
+    assert json.loads((folder / "COMPLETE").read_text())["step"] == step
+
+
+def test_a_run_directory_is_not_resumed_with_another_config(demo_shards, straight):
+    result = run(command(demo_shards, straight, "optim.lr=0.01"))
+    assert result.returncode == 2
+    assert "holds another config" in result.stderr
+    assert "--allow-config-change" in result.stderr
+
+
+def test_a_bad_config_fails_before_training(demo_shards, tmp_path):
+    result = run(command(demo_shards, tmp_path, "optim.warmup=3"))
+    assert result.returncode == 2
+    assert "Key 'warmup' not in 'OptimConfig'" in result.stderr
+    assert not (tmp_path / "config.yaml").exists()

@@ -1,0 +1,75 @@
+"""What a run reports, on rank 0: TensorBoard scalars, a metrics.jsonl line per update, and a progress bar."""
+
+from __future__ import annotations
+
+import json
+import resource
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+
+class MetricsLog:
+    """Accumulates per-update values and writes their means every `every` updates; silent on other ranks."""
+
+    def __init__(self, run_dir: Path, *, rank: int, every: int, start: int, total: int) -> None:
+        self.enabled = rank == 0
+        self.every = every
+        self.sums: dict[str, float] = defaultdict(float)
+        self.count = 0
+        if not self.enabled:
+            return
+        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1)  # drop what a crash left past `start`
+        self.jsonl = run_dir / "metrics.jsonl"
+        _truncate_after(self.jsonl, start)
+        self.bar = tqdm(total=total, initial=start, desc="train", unit="update", dynamic_ncols=True)
+
+    def update(self, step: int, values: dict[str, float]) -> None:
+        """One optimizer update's values; every `every` updates their means go to TensorBoard."""
+        if not self.enabled:
+            return
+        with self.jsonl.open("a") as handle:
+            handle.write(json.dumps({"step": step, **values}) + "\n")
+        for name, value in values.items():
+            self.sums[name] += value
+        self.count += 1
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{values['loss']:.3f}", audio_s_per_s=f"{values['audio_seconds_per_s']:.0f}")
+        if step % self.every == 0:
+            self.flush(step)
+
+    def flush(self, step: int) -> None:
+        if not self.enabled or not self.count:
+            return
+        for name, total in self.sums.items():
+            self.writer.add_scalar(f"train/{name}", total / self.count, step)
+        self.writer.add_scalar("system/max_rss_gb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, step)
+        self.writer.flush()
+        self.sums.clear()
+        self.count = 0
+
+    def scalars(self, step: int, prefix: str, values: dict[str, Any]) -> None:
+        if self.enabled:
+            for name, value in values.items():
+                self.writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.bar.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep the lines of updates up to `step`: a resumed run rewrites the ones after its checkpoint."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []

@@ -1,0 +1,270 @@
+"""The training loop: DeepSpeed trains the student, the EMA teacher follows once per optimizer update.
+
+The same call starts a run or resumes it: the run directory decides. Resume is exact: a run killed after a
+checkpoint and started again takes the same batches, draws the same dropout, and reaches the same weights as one
+that was never interrupted (same config, world size and data workers).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from data.audio import SAMPLE_RATE
+from data.loader import StreamingLoader
+from model import Music2Vec, save_hf
+from trainer import checkpoint
+from trainer.collectives import reduce_scalar
+from trainer.config import ExperimentConfig, load_config, save_config
+from trainer.engine import Engine
+from trainer.metrics import MetricsLog
+from trainer.schedule import tri_stage_lr
+from trainer.stop import StopFlag
+
+
+class TrainingAbortedError(RuntimeError):
+    """The run cannot go on (diverged or collapsed); its last complete checkpoint is intact."""
+
+
+@dataclass
+class TrainSummary:
+    run_dir: Path
+    start_step: int
+    end_step: int
+    first_loss: float | None
+    last_loss: float | None
+    audio_seconds_per_s: float
+    stopped_by: str | None  # the signal or request that ended the run early, if any
+
+
+def train(cfg: ExperimentConfig, *, allow_config_change: bool = False, stop: StopFlag | None = None) -> TrainSummary:
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    run_dir = Path(cfg.train.run_dir)
+    prepare_run_dir(cfg, run_dir, rank=rank, allow_config_change=allow_config_change)
+    seed_everything(cfg.train.seed, rank)
+
+    model = Music2Vec(cfg.model)
+    engine = Engine(model, cfg, world_size)
+    crop_samples = round(cfg.data.crop_seconds * SAMPLE_RATE)
+    loader = StreamingLoader(cfg.data, frames=cfg.model.num_frames(crop_samples), rank=rank, world_size=world_size)
+    updates = resume(run_dir, engine, loader, rank=rank, digest=cfg.digest())
+    start = updates
+    if rank == 0:
+        (run_dir / "ds_config.json").write_text(json.dumps(engine.config, indent=2) + "\n")
+    log = MetricsLog(run_dir, rank=rank, every=cfg.train.log_every, start=updates, total=cfg.optim.max_updates)
+    stop = stop or StopFlag()
+    stop.install()
+
+    batches = iter(loader)
+    losses: list[float] = []
+    nonfinite_in_a_row = 0
+    update = UpdateStats()
+    while updates < cfg.optim.max_updates:
+        # 1) the next micro-batch, timing how long the loader kept us waiting
+        batch = update.wait_for(batches)
+        engine.set_lr(lr_at(cfg, updates))
+        loss, metrics = engine.forward(batch.audio, batch.mask)
+
+        # 2) a non-finite loss on any rank skips this micro-batch everywhere; too many in a row abort the run
+        if reduce_scalar(float(not torch.isfinite(loss).item())) > 0:
+            nonfinite_in_a_row += 1
+            update.nonfinite += 1
+            if nonfinite_in_a_row >= cfg.train.max_nonfinite:
+                raise TrainingAbortedError(
+                    f"{nonfinite_in_a_row} non-finite losses in a row at update {updates}: the run diverged;"
+                    f" its last complete checkpoint is intact; lower optim.lr or use bf16 instead of fp16"
+                )
+            continue
+        nonfinite_in_a_row = 0
+
+        # 3) backward and step; DeepSpeed accumulates until the update boundary
+        engine.backward(loss)
+        boundary = engine.at_update_boundary()
+        applied = engine.step()
+        update.add_micro_batch(loss, metrics, crops=batch.audio.shape[0], crop_seconds=cfg.data.crop_seconds)
+        if not boundary:
+            continue
+        if not applied:  # fp16 overflow: DeepSpeed skipped the update and lowered the loss scale
+            update.reset()
+            continue
+
+        # 4) the update happened: the teacher follows, once per update, never per micro-batch
+        updates += 1
+        with engine.full_student_transformer():
+            decay = model.update_teacher(updates)
+        values = update.finish(world_size) | {"lr": lr_at(cfg, updates - 1), "ema_decay": decay}
+        values |= _optional(grad_norm=engine.grad_norm(), loss_scale=engine.loss_scale())
+        values |= {f"loader_skipped_{reason}": count for reason, count in loader.skipped().items()}
+        losses.append(values["loss"])
+        log.update(updates, values)
+        check_collapse(cfg, updates, values["target_var"])
+
+        # 5) checkpoint on schedule, at the end, or when asked to stop
+        stopping = stop.should_stop()
+        if stopping or updates % cfg.train.checkpoint_every == 0 or updates == cfg.optim.max_updates:
+            save_checkpoint(cfg, run_dir, engine, loader, updates, rank=rank, world_size=world_size)
+        if stopping:
+            break
+
+    log.flush(updates)
+    log.close()
+    return TrainSummary(
+        run_dir=run_dir,
+        start_step=start,
+        end_step=updates,
+        first_loss=losses[0] if losses else None,
+        last_loss=losses[-1] if losses else None,
+        audio_seconds_per_s=update.overall_rate(world_size),
+        stopped_by=stop.reason,
+    )
+
+
+def lr_at(cfg: ExperimentConfig, updates_done: int) -> float:
+    o = cfg.optim
+    return tri_stage_lr(
+        updates_done,
+        peak=o.lr,
+        max_updates=o.max_updates,
+        phase_ratio=o.phase_ratio,
+        init_scale=o.init_lr_scale,
+        final_scale=o.final_lr_scale,
+    )
+
+
+class UpdateStats:
+    """Timing and loss statistics of the micro-batches that make up one optimizer update."""
+
+    def __init__(self) -> None:
+        self.nonfinite = 0
+        self._total_audio = 0.0
+        self._total_time = 0.0
+        self.reset()
+
+    def reset(self) -> None:
+        self.started = time.perf_counter()
+        self.waited = 0.0
+        self.sums: dict[str, float] = {}
+        self.micro_batches = 0
+        self.crops = 0
+        self.audio_seconds = 0.0
+
+    def wait_for(self, batches: Any) -> Any:
+        waiting = time.perf_counter()
+        batch = next(batches)
+        self.waited += time.perf_counter() - waiting
+        return batch
+
+    def add_micro_batch(
+        self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], crops: int, crop_seconds: float
+    ) -> None:
+        for name, value in {"loss": loss, **metrics}.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value.detach().float().item())
+        self.micro_batches += 1
+        self.crops += crops
+        self.audio_seconds += crops * crop_seconds
+
+    def finish(self, world_size: int) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.started
+        values = {name: total / self.micro_batches for name, total in self.sums.items()}
+        values.pop("masked_frames", None)
+        values |= {
+            "step_time": elapsed,
+            "data_wait_fraction": self.waited / elapsed,
+            "samples_per_s": self.crops * world_size / elapsed,
+            "audio_seconds_per_s": self.audio_seconds * world_size / elapsed,
+            "nonfinite_skipped": float(self.nonfinite),
+        }
+        self._total_audio += self.audio_seconds
+        self._total_time += elapsed
+        self.reset()
+        return values
+
+    def overall_rate(self, world_size: int) -> float:
+        return self._total_audio * world_size / self._total_time if self._total_time else 0.0
+
+
+def _optional(**values: float | None) -> dict[str, float]:
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def check_collapse(cfg: ExperimentConfig, updates: int, target_var: float) -> None:
+    """Spec §4: targets whose spread vanishes mean the teacher collapsed; training on is wasted compute."""
+    if updates > cfg.train.collapse_check_after and target_var < cfg.train.min_target_var:
+        raise TrainingAbortedError(
+            f"target_var={target_var:.4f} < train.min_target_var={cfg.train.min_target_var} at update {updates}:"
+            " the teacher's targets collapsed; the last complete checkpoint is intact; lower optim.lr and restart"
+        )
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """The same CPU seed on every rank: LayerDrop draws from it and all ranks must skip the same layers."""
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed(seed + rank)  # dropout on GPUs differs across ranks, as with fairseq's seeds
+
+
+def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, *, rank: int, allow_config_change: bool) -> None:
+    """Write config.yaml on a new run; refuse a run directory that ran another config, unless allowed."""
+    saved = run_dir / "config.yaml"
+    if saved.is_file() and not allow_config_change:
+        previous = load_config(saved)
+        if previous.digest() != cfg.digest():
+            raise ValueError(
+                f"{saved} holds another config (digest {previous.digest()} vs {cfg.digest()}); use a new"
+                " train.run_dir, or pass --allow-config-change to continue this run with the new one"
+            )
+    checkpoint.barrier()  # every rank has read the old config before rank 0 replaces it
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, saved)
+    checkpoint.barrier()
+
+
+def resume(run_dir: Path, engine: Engine, loader: StreamingLoader, *, rank: int, digest: str) -> int:
+    """Load the newest complete checkpoint, if any; the number of updates it had done (0 for a new run)."""
+    latest = checkpoint.latest_complete(run_dir)
+    if latest is None:
+        return 0
+    step, folder = latest
+    engine.load(folder.parent, folder.name)
+    engine.model.teacher.load_state_dict(checkpoint.load_teacher(folder))
+    state = checkpoint.load_rank_state(folder, rank)
+    loader.load_state_dict(state["loader"])
+    checkpoint.set_rng_state(state["rng"])
+    if rank == 0:
+        print(f"resuming {run_dir} from {folder.name} (config digest {digest})")
+    return step
+
+
+def save_checkpoint(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    engine: Engine,
+    loader: StreamingLoader,
+    step: int,
+    *,
+    rank: int,
+    world_size: int,
+) -> Path:
+    """Write checkpoints/step_N (then COMPLETE) and exports/step_N; every rank calls it."""
+    tag = checkpoint.tag(step)
+    folder = run_dir / "checkpoints" / tag
+    engine.save(folder.parent, tag)
+    checkpoint.save_rank_state(folder, rank, {"loader": loader.state_dict(), "rng": checkpoint.rng_state()})
+    with engine.full_student_encoder() as encoder:
+        if rank == 0:
+            save_hf(encoder, run_dir / "exports" / tag)
+    if rank == 0:
+        checkpoint.save_teacher(folder, engine.model.teacher.state_dict())
+    checkpoint.barrier()  # every rank's files are on disk before COMPLETE says so
+    if rank == 0:
+        checkpoint.write_marker(folder, checkpoint.marker_content(step, cfg.digest(), world_size))
+        checkpoint.prune(run_dir, keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every)
+    checkpoint.barrier()
+    return folder

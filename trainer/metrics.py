@@ -56,8 +56,9 @@ class MetricsLog:
             for name, value in values.items():
                 self.writer.add_scalar(f"{prefix}/{name}", value, step)
 
-    def close(self) -> None:
+    def close(self, step: int) -> None:
         if self.enabled:
+            self.flush(step)
             self.writer.close()
             self.bar.close()
 

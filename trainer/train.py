@@ -48,23 +48,18 @@ def train(cfg: ExperimentConfig, *, allow_config_change: bool = False, stop: Sto
     run_dir = Path(cfg.train.run_dir)
     prepare_run_dir(cfg, run_dir, rank=rank, allow_config_change=allow_config_change)
     seed_everything(cfg.train.seed, rank)
-
     model = Music2Vec(cfg.model)
     engine = Engine(model, cfg, world_size)
     crop_samples = round(cfg.data.crop_seconds * SAMPLE_RATE)
     loader = StreamingLoader(cfg.data, frames=cfg.model.num_frames(crop_samples), rank=rank, world_size=world_size)
-    updates = resume(run_dir, engine, loader, rank=rank, digest=cfg.digest())
-    start = updates
+    start = updates = resume(run_dir, engine, loader, rank=rank, digest=cfg.digest())
     if rank == 0:
         (run_dir / "ds_config.json").write_text(json.dumps(engine.config, indent=2) + "\n")
     log = MetricsLog(run_dir, rank=rank, every=cfg.train.log_every, start=updates, total=cfg.optim.max_updates)
     stop = stop or StopFlag()
     stop.install()
 
-    batches = iter(loader)
-    losses: list[float] = []
-    nonfinite_in_a_row = 0
-    update = UpdateStats()
+    batches, losses, update = iter(loader), [], UpdateStats()
     while updates < cfg.optim.max_updates:
         # 1) the next micro-batch, timing how long the loader kept us waiting
         batch = update.wait_for(batches)
@@ -72,16 +67,8 @@ def train(cfg: ExperimentConfig, *, allow_config_change: bool = False, stop: Sto
         loss, metrics = engine.forward(batch.audio, batch.mask)
 
         # 2) a non-finite loss on any rank skips this micro-batch everywhere; too many in a row abort the run
-        if reduce_scalar(float(not torch.isfinite(loss).item())) > 0:
-            nonfinite_in_a_row += 1
-            update.nonfinite += 1
-            if nonfinite_in_a_row >= cfg.train.max_nonfinite:
-                raise TrainingAbortedError(
-                    f"{nonfinite_in_a_row} non-finite losses in a row at update {updates}: the run diverged;"
-                    f" its last complete checkpoint is intact; lower optim.lr or use bf16 instead of fp16"
-                )
+        if update.skip_nonfinite(loss, limit=cfg.train.max_nonfinite, updates=updates):
             continue
-        nonfinite_in_a_row = 0
 
         # 3) backward and step; DeepSpeed accumulates until the update boundary
         engine.backward(loss)
@@ -112,17 +99,10 @@ def train(cfg: ExperimentConfig, *, allow_config_change: bool = False, stop: Sto
         if stopping:
             break
 
-    log.flush(updates)
-    log.close()
-    return TrainSummary(
-        run_dir=run_dir,
-        start_step=start,
-        end_step=updates,
-        first_loss=losses[0] if losses else None,
-        last_loss=losses[-1] if losses else None,
-        audio_seconds_per_s=update.overall_rate(world_size),
-        stopped_by=stop.reason,
-    )
+    log.close(updates)
+    first, last = (losses[0], losses[-1]) if losses else (None, None)
+    rate = update.overall_rate(world_size)
+    return TrainSummary(run_dir, start, updates, first, last, rate, stopped_by=stop.reason)
 
 
 def lr_at(cfg: ExperimentConfig, updates_done: int) -> float:
@@ -142,6 +122,7 @@ class UpdateStats:
 
     def __init__(self) -> None:
         self.nonfinite = 0
+        self.nonfinite_in_a_row = 0
         self._total_audio = 0.0
         self._total_time = 0.0
         self.reset()
@@ -153,6 +134,20 @@ class UpdateStats:
         self.micro_batches = 0
         self.crops = 0
         self.audio_seconds = 0.0
+
+    def skip_nonfinite(self, loss: torch.Tensor, *, limit: int, updates: int) -> bool:
+        """True when this micro-batch must be skipped: its loss, or another rank's, is not finite."""
+        if reduce_scalar(float(not torch.isfinite(loss).item())) == 0:
+            self.nonfinite_in_a_row = 0
+            return False
+        self.nonfinite += 1
+        self.nonfinite_in_a_row += 1
+        if self.nonfinite_in_a_row >= limit:
+            raise TrainingAbortedError(
+                f"{self.nonfinite_in_a_row} non-finite losses in a row at update {updates}: the run diverged;"
+                " its last complete checkpoint is intact; lower optim.lr or use bf16 instead of fp16"
+            )
+        return True
 
     def wait_for(self, batches: Any) -> Any:
         waiting = time.perf_counter()

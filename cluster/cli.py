@@ -5,27 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from trainer.smoke import smoke_run
+    from cluster.demo import run_demo
 
-    print(
-        "music2vec demo: the DeepSpeed trainer has not landed yet, so this is a smoke run of the model itself:\n"
-        f"the tiny preset trains {args.steps} AdamW steps on synthetic tones (span masks, student forward/backward,\n"
-        "EMA-teacher targets, teacher update) on the CPU."
-    )
-    started = time.perf_counter()
-    print(f"{'step':>5} {'loss':>9} {'target_var':>10} {'pred_var':>9} {'masked':>7} {'ema_decay':>10}")
-    history = smoke_run(steps=args.steps, seed=args.seed)
-    for row in history:
-        print(
-            f"{row['step']:>5} {row['loss']:>9.4f} {row['target_var']:>10.4f} {row['pred_var']:>9.4f}"
-            f" {row['masked_fraction']:>7.1%} {row['ema_decay']:>10.6f}"
-        )
-    print(f"done in {time.perf_counter() - started:.1f} s")
+    run_demo(Path(args.out), clips=args.clips, steps=args.steps)
     return 0
 
 
@@ -70,9 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain Music2Vec (data2vec-audio on music) with DeepSpeed and probe every checkpoint.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = commands.add_parser("demo", help="the embedded default job: a short CPU run of the tiny model")
-    demo.add_argument("--steps", type=int, default=30, help="optimizer steps (default: %(default)s)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    demo = commands.add_parser(
+        "demo", help="the embedded default job: procedural music -> shards -> the tiny model trained on CPU"
+    )
+    demo.add_argument(
+        "--out", default="runs/demo", help="folder for the corpus, shards and run (default: %(default)s)"
+    )
+    demo.add_argument("--clips", type=int, default=48, help="30 s pieces of demo music (default: %(default)s)")
+    demo.add_argument("--steps", type=int, default=300, help="optimizer updates (default: %(default)s)")
     demo.set_defaults(run=_demo)
 
     shard = commands.add_parser(
@@ -105,11 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from trainer.train import TrainingAbortedError
+
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         # Bad input: the message names the file, key or value; a traceback would only bury it.
         parser.exit(2, f"music2vec {args.command}: error: {error}\n")
+    except TrainingAbortedError as error:
+        parser.exit(1, f"music2vec {args.command}: aborted: {error}\n")
 
 
 if __name__ == "__main__":

@@ -23,12 +23,21 @@ def test_help_lists_the_commands(music2vec):
     assert "demo" in result.stdout
 
 
-def test_demo_trains_the_tiny_model_and_says_what_it_is(music2vec):
-    result = subprocess.run([music2vec, "demo", "--steps", "3"], capture_output=True, text=True, check=True)
-    assert "smoke run" in result.stdout
-    rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] in (["1"], ["2"], ["3"])]
-    assert [row[0] for row in rows] == ["1", "2", "3"]
-    assert all(math.isfinite(float(row[1])) for row in rows)
+def test_demo_makes_music_shards_and_a_trained_run(music2vec, tmp_path):
+    out = tmp_path / "demo"
+    cmd = [music2vec, "demo", "--out", str(out), "--clips", "6", "--steps", "20"]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600)
+    assert (out / "shards" / "manifest.json").is_file()
+    assert (out / "run" / "checkpoints" / "step_000000020" / "COMPLETE").is_file()
+    assert (out / "run" / "exports" / "step_000000020" / "model.safetensors").is_file()
+    loss_line = next(line for line in result.stdout.splitlines() if line.strip().startswith("loss"))
+    first, last = (float(word) for word in loss_line.split() if word.replace(".", "").isdigit() and "." in word)
+    assert math.isfinite(first)
+    assert math.isfinite(last)
+    assert f"tensorboard --logdir {out / 'run' / 'tb'}" in result.stdout
+    again = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600)  # reuses everything
+    assert "writing" not in again.stdout
+    assert loss_line in again.stdout
 
 
 def test_unknown_command_fails_with_usage(music2vec):

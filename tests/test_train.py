@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import Data2VecAudioModel
 
-from model import Music2Vec
+from model import Music2Vec, load_hf
 from trainer.checkpoint import complete_checkpoints
 from trainer.config import load_config
 from trainer.metrics import read_metrics
@@ -166,3 +166,23 @@ def test_zero3_teacher_follows_the_partitioned_student(demo_shards, tmp_path, ra
         torch.testing.assert_close(teachers[3][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
     moved = [name for name, tensor in teachers[3].items() if not torch.equal(tensor, initial[name])]
     assert len(moved) > len(initial) // 2  # the teacher followed the student, not just kept its start
+
+
+def test_divergence_aborts_with_the_last_checkpoint_intact(demo_shards, tmp_path):
+    result = run(command(demo_shards, tmp_path, "optim.lr=1e6", "train.max_nonfinite=3", "train.checkpoint_every=1"))
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "non-finite losses in a row" in result.stderr
+    assert "last complete checkpoint is intact" in result.stderr
+    checkpoints = complete_checkpoints(tmp_path)
+    assert checkpoints, "the update before the divergence was checkpointed"
+    _, folder = checkpoints[-1]
+    export = load_hf(tmp_path / "exports" / folder.name)
+    assert all(torch.isfinite(p).all() for p in export.parameters())
+    assert all(torch.isfinite(t).all() for t in load_file(folder / "teacher.safetensors").values())
+
+
+def test_collapsed_targets_abort_the_run(demo_shards, tmp_path):
+    result = run(command(demo_shards, tmp_path, "train.min_target_var=100", "train.collapse_check_after=2"))
+    assert result.returncode == 1
+    assert "target_var=" in result.stderr
+    assert "at update 3" in result.stderr

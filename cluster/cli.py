@@ -37,9 +37,10 @@ def _shard(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from cluster.environment import from_environment, init_distributed
     from trainer.config import load_config
-    from trainer.train import train
+    from trainer.train import check_runnable, train
 
     cfg = load_config(args.config, args.overrides)  # a bad config fails here, before any process group starts
+    check_runnable(cfg)
     init_distributed(from_environment())
     summary = train(cfg, allow_config_change=args.allow_config_change)
     if int(os.environ.get("RANK", "0")) == 0:

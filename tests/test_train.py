@@ -186,3 +186,15 @@ def test_collapsed_targets_abort_the_run(demo_shards, tmp_path):
     assert result.returncode == 1
     assert "target_var=" in result.stderr
     assert "at update 3" in result.stderr
+
+
+def test_bf16_trains_against_an_fp32_teacher_and_fp16_is_refused_without_a_gpu(demo_shards, tmp_path):
+    result = run(command(demo_shards, tmp_path / "bf16", "train.precision=bf16", "optim.max_updates=8"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert all(m["loss"] == m["loss"] for m in read_metrics(tmp_path / "bf16"))  # no NaN
+    teacher = load_file(tmp_path / "bf16" / "checkpoints" / "step_000000008" / "teacher.safetensors")
+    assert {tensor.dtype for tensor in teacher.values()} == {torch.float32}
+    if not torch.cuda.is_available():
+        refused = run(command(demo_shards, tmp_path / "fp16", "train.precision=fp16"))
+        assert refused.returncode == 2
+        assert "fp16 needs a GPU" in refused.stderr

@@ -115,6 +115,7 @@ def prune(run_dir: Path, *, keep_last: int, keep_every: int) -> None:
         match = _STEP_DIR.fullmatch(folder.name)
         if match and int(match.group(1)) < latest and not (folder / COMPLETE).is_file():
             shutil.rmtree(folder, ignore_errors=True)  # a save that a crash interrupted
+            shutil.rmtree(run_dir / "exports" / folder.name, ignore_errors=True)
 
 
 def barrier() -> None:

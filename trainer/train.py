@@ -43,7 +43,14 @@ class TrainSummary:
     stopped_by: str | None  # the signal or request that ended the run early, if any
 
 
+def check_runnable(cfg: ExperimentConfig) -> None:
+    """What the config asks of this machine, checked before any process group or model exists."""
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("train.precision=fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or fp32 here")
+
+
 def train(cfg: ExperimentConfig, *, allow_config_change: bool = False, stop: StopFlag | None = None) -> TrainSummary:
+    check_runnable(cfg)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     run_dir = Path(cfg.train.run_dir)
     prepare_run_dir(cfg, run_dir, rank=rank, allow_config_change=allow_config_change)

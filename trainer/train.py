@@ -165,8 +165,10 @@ class UpdateStats:
     def add_micro_batch(
         self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], crops: int, crop_seconds: float
     ) -> None:
-        for name, value in {"loss": loss, **metrics}.items():
-            self.sums[name] = self.sums.get(name, 0.0) + float(value.detach().float().item())
+        named = {"loss": loss, **metrics}
+        numbers = torch.stack([value.detach().float() for value in named.values()]).tolist()  # one device sync
+        for name, number in zip(named, numbers, strict=True):
+            self.sums[name] = self.sums.get(name, 0.0) + number
         self.micro_batches += 1
         self.crops += crops
         self.audio_seconds += crops * crop_seconds

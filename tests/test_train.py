@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import Data2VecAudioModel
 
-from model import Music2Vec, load_hf
+from model import Music2Vec, ema_decay, load_hf
 from trainer.checkpoint import complete_checkpoints
 from trainer.config import load_config
 from trainer.metrics import read_metrics
@@ -198,3 +198,23 @@ def test_bf16_trains_against_an_fp32_teacher_and_fp16_is_refused_without_a_gpu(d
         refused = run(command(demo_shards, tmp_path / "fp16", "train.precision=fp16"))
         assert refused.returncode == 2
         assert "fp16 needs a GPU" in refused.stderr
+
+
+def test_with_gradient_accumulation_the_teacher_moves_once_per_update(demo_shards, tmp_path):
+    """teacher(n) = lerp(teacher(n-1), student(n), 1 - decay(n)), checked on every saved update of an accum-2 run."""
+    extra = ("train.grad_accum=2", "optim.max_updates=4", "train.checkpoint_every=1", "train.keep_last=10")
+    result = run(command(demo_shards, tmp_path, *extra))
+    assert result.returncode == 0, result.stderr[-2000:]
+    cfg = load_config(tmp_path / "config.yaml")
+    state = torch.load(tmp_path / "checkpoints" / "step_000000004" / "rank_00000.pt", weights_only=True)
+    assert state["loader"]["workers"][0]["batches"] == 8  # two micro-batches per update
+    for step in range(2, 5):
+        previous = load_file(tmp_path / "checkpoints" / f"step_{step - 1:09d}" / "teacher.safetensors")
+        teacher = load_file(tmp_path / "checkpoints" / f"step_{step:09d}" / "teacher.safetensors")
+        student = load_hf(tmp_path / "exports" / f"step_{step:09d}").transformer.state_dict()
+        decay = ema_decay(step, start=cfg.model.ema_decay, end=cfg.model.ema_end_decay, anneal_steps=30_000)
+        for name, tensor in teacher.items():
+            expected = (
+                student[name] if name.startswith("pos_conv.") else torch.lerp(previous[name], student[name], 1 - decay)
+            )
+            torch.testing.assert_close(tensor, expected, rtol=0, atol=1e-7, msg=f"update {step}: {name}")

@@ -1,4 +1,4 @@
-"""Waveform basics: decoding any file soundfile reads to 16 kHz mono, FLAC bytes, and per-clip normalisation."""
+"""Waveform basics: decoding any file soundfile reads to 16 kHz mono, FLAC bytes, and whole-clip statistics."""
 
 from __future__ import annotations
 
@@ -61,9 +61,3 @@ def clip_stats(audio: np.ndarray) -> tuple[float, float]:
     mean = float(audio.sum(dtype=np.float64)) / audio.size
     variance = float(np.dot(audio, audio)) / audio.size - mean * mean
     return mean, 1.0 / float(np.sqrt(max(variance, 0.0) + NORMALIZE_EPS))
-
-
-def normalize(audio: np.ndarray) -> np.ndarray:
-    """Zero mean, unit variance over the whole clip (applied before cropping, as in pretraining)."""
-    mean, scale = clip_stats(audio)
-    return ((audio - mean) * scale).astype(np.float32)

@@ -61,7 +61,7 @@ def build_steps(args: argparse.Namespace) -> tuple[dict[str, Callable[[], None]]
         loss, _ = engine.forward(audio, mask)
         engine.backward(loss)
         engine.step()
-        with engine.full_student_transformer():
+        with engine.gathered(wrapped.encoder.transformer):
             wrapped.update_teacher(1)
 
     return {"plain PyTorch": plain_step, "DeepSpeed engine": engine_step}, device, dtype

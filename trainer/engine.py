@@ -72,17 +72,10 @@ class Engine:
         return float(self.ds.loss_scale()) if self.ds.fp16_enabled() else None
 
     @contextlib.contextmanager
-    def full_student_transformer(self) -> Iterator[torch.nn.Module]:
-        """The student's transformer with whole weights on every rank (a read-only all-gather under ZeRO-3)."""
-        transformer = self.model.encoder.transformer
-        with deepspeed.zero.GatheredParameters(list(transformer.parameters()), modifier_rank=None):
-            yield transformer
-
-    @contextlib.contextmanager
-    def full_student_encoder(self) -> Iterator[torch.nn.Module]:
-        encoder = self.model.encoder
-        with deepspeed.zero.GatheredParameters(list(encoder.parameters()), modifier_rank=None):
-            yield encoder
+    def gathered(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """`module` (a part of the student) with whole weights on every rank: a read-only all-gather under ZeRO-3."""
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            yield module
 
     def save(self, root: Path, tag: str) -> None:
         """DeepSpeed's part of a checkpoint (weights and optimizer, sharded as ZeRO keeps them); a collective call."""

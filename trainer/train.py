@@ -90,14 +90,15 @@ def train(cfg: ExperimentConfig, *, allow_config_change: bool = False, stop: Sto
 
         # 4) the update happened: the teacher follows, once per update, never per micro-batch
         updates += 1
-        with engine.full_student_transformer():
+        with engine.gathered(model.encoder.transformer):
             decay = model.update_teacher(updates)
         values = update.finish(world_size) | {"lr": lr_at(cfg, updates - 1), "ema_decay": decay}
         values |= _optional(grad_norm=engine.grad_norm(), loss_scale=engine.loss_scale())
         values |= {f"loader_skipped_{reason}": count for reason, count in loader.skipped().items()}
         losses.append(values["loss"])
         log.update(updates, values)
-        check_collapse(cfg, updates, values["target_var"])
+        # Judged on the mean over ranks: one rank aborting alone would leave the others waiting in a collective.
+        check_collapse(cfg, updates, reduce_scalar(values["target_var"], dist.ReduceOp.SUM) / world_size)
 
         # 5) checkpoint on schedule, at the end, or when asked to stop
         stopping = stop.should_stop()
@@ -261,7 +262,7 @@ def save_checkpoint(
     folder = run_dir / "checkpoints" / tag
     engine.save(folder.parent, tag)
     checkpoint.save_rank_state(folder, rank, {"loader": loader.state_dict(), "rng": checkpoint.rng_state()})
-    with engine.full_student_encoder() as encoder:
+    with engine.gathered(engine.model.encoder) as encoder:
         if rank == 0:
             save_hf(encoder, run_dir / "exports" / tag)
     if rank == 0:

@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -35,20 +36,66 @@ def _shard(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from cluster.config import load_job_config
     from cluster.environment import from_environment, init_distributed
-    from trainer.config import load_config
-    from trainer.train import check_runnable, train
+    from trainer.train import TrainingAbortedError, check_runnable, train
 
-    cfg = load_config(args.config, args.overrides)  # a bad config fails here, before any process group starts
+    cfg, _ = load_job_config(args.config, args.overrides)  # fails here, before any process group starts
     check_runnable(cfg)
     init_distributed(from_environment())
-    summary = train(cfg, allow_config_change=args.allow_config_change)
+    try:
+        summary = train(cfg, allow_config_change=args.allow_config_change)
+    except TrainingAbortedError as error:
+        print(f"music2vec train: aborted: {error}", file=sys.stderr)
+        return 1
     if int(os.environ.get("RANK", "0")) == 0:
         ended = f"stopped by {summary.stopped_by}" if summary.stopped_by else "done"
         print(
             f"{ended}: updates {summary.start_step} -> {summary.end_step}, loss {summary.first_loss} ->"
             f" {summary.last_loss}, {summary.audio_seconds_per_s:.0f} audio-s/s; run directory {summary.run_dir}"
         )
+    return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from cluster.config import load_job_config, with_flags
+    from cluster.launch import describe, plan_launch, submit
+
+    experiment, cluster = load_job_config(args.config, args.overrides)
+    cluster = with_flags(cluster, vars(args))
+    plan = plan_launch(experiment, cluster, allow_config_change=args.allow_config_change)
+    if args.dry_run:
+        print(describe(plan) + "\ndry run: nothing submitted")
+        return 0
+    job = submit(plan, allow_config_change=args.allow_config_change)
+    print(
+        f"submitted {cluster.executor} job {job.job_id}: {cluster.world_size} rank(s) training into {plan.run_dir};"
+        f" logs in {plan.run_dir / 'jobs' / job.job_id}; watch it with: music2vec status {plan.run_dir}",
+        flush=True,
+    )
+    if cluster.executor == "local" or args.wait:
+        return _wait(job)
+    return 0
+
+
+def _wait(job: Any) -> int:
+    """Until the job is finished (through its requeues); its ranks' summaries or its error."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    try:
+        summary = job.results()[0]
+    except (FailedJobError, UncompletedJobError) as error:
+        print(f"job {job.job_id} did not finish: {str(error).strip().splitlines()[-1]}", file=sys.stderr)
+        return 1
+    ended = f"stopped by {summary['stopped_by']}" if summary["stopped_by"] else "done"
+    print(f"job {job.job_id} {ended}: updates {summary['start_step']} -> {summary['end_step']}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from cluster.status import status_table
+
+    print(status_table([Path(run_dir) for run_dir in args.run_dirs]), end="")
     return 0
 
 
@@ -92,21 +139,52 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-config-change", action="store_true", help="continue a run directory whose config was different"
     )
     train.set_defaults(run=_train)
+
+    launch = commands.add_parser(
+        "launch", help="submit training as a job: SLURM through submitit (requeues itself), or local processes"
+    )
+    launch.add_argument("config", help="experiment YAML; its cluster: section holds the defaults of the flags below")
+    launch.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. cluster.nodes=2")
+    launch.add_argument("--executor", choices=("slurm", "local"), help="where the job runs (default: slurm)")
+    launch.add_argument("--nodes", type=int, help="nodes (default: 1)")
+    launch.add_argument("--gpus-per-node", type=int, help="GPUs per node, one task each (default: 8)")
+    launch.add_argument("--tasks-per-node", type=int, help="tasks per node of a CPU-only job (--gpus-per-node 0)")
+    launch.add_argument("--cpus-per-task", type=int, help="CPUs per task; they size data.workers=-1 (default: 10)")
+    launch.add_argument("--partition", help="SLURM partition")
+    launch.add_argument("--time", help="time limit of one attempt, e.g. 3-00:00:00; longer runs requeue themselves")
+    launch.add_argument("--account", help="SLURM account")
+    launch.add_argument("--qos", help="SLURM quality of service")
+    launch.add_argument("--constraint", help="SLURM node features, e.g. a100")
+    launch.add_argument("--mem", help="memory per node, e.g. 480G")
+    launch.add_argument("--max-requeues", type=int, help="requeues after a time limit before giving up (default: 20)")
+    launch.add_argument(
+        "--dry-run", action="store_true", help="check and print the resolved config and job; submit nothing"
+    )
+    launch.add_argument("--wait", action="store_true", help="wait for a SLURM job to finish (local jobs always do)")
+    launch.add_argument(
+        "--allow-config-change", action="store_true", help="continue a run directory whose config was different"
+    )
+    launch.set_defaults(run=_launch)
+
+    status = commands.add_parser("status", help="one table across runs: job state, step, loss, throughput, ETA")
+    status.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (train.run_dir)")
+    status.set_defaults(run=_status)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    from trainer.train import TrainingAbortedError
-
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may also follow the flags: `launch CONFIG --nodes 2 optim.lr=1e-4`
+    if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         # Bad input: the message names the file, key or value; a traceback would only bury it.
         parser.exit(2, f"music2vec {args.command}: error: {error}\n")
-    except TrainingAbortedError as error:
-        parser.exit(1, f"music2vec {args.command}: aborted: {error}\n")
 
 
 if __name__ == "__main__":

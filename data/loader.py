@@ -28,6 +28,7 @@ import copy
 import json
 import logging
 import math
+import signal
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -43,7 +44,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import tar_file_iterator
 
 from data.audio import SAMPLE_RATE, clip_stats, decode_flac
-from data.config import DataConfig
+from data.config import AUTO_WORKERS, DataConfig
 from data.masking import span_mask
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,25 @@ def shard_urls(shards: str) -> list[str]:
     if not urls:
         raise ValueError(f"data.shards={shards!r} names no shard")
     return urls
+
+
+def _leave_signals_to_the_trainer(_worker: int) -> None:
+    """A scheduler signals every process of a job (scancel: SIGTERM; the time-limit warning: USR2). The training
+    process answers by checkpointing and then shuts its workers down; a worker that died of the signal first (torch
+    installs a SIGTERM handler that exits) would take the rank down before it could checkpoint."""
+    for number in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+        signal.signal(number, signal.SIG_IGN)
+
+
+def check_shard_count(shards: int, cfg: DataConfig, world_size: int) -> None:
+    """Without resampling, every (rank, worker) consumer reads its own shards, so there must be enough of them."""
+    consumers = world_size * max(cfg.workers, 1)
+    if not cfg.resample and shards < consumers:
+        raise ValueError(
+            f"{shards} shard(s) for {world_size} rank(s) x {max(cfg.workers, 1)} worker(s) ="
+            f" {consumers} consumers: each needs at least one shard. Write smaller shards"
+            " (music2vec shard --shard-max-count), lower data.workers, or set data.resample=true"
+        )
 
 
 @dataclass
@@ -327,13 +347,9 @@ class StreamingLoader:
     def __init__(self, cfg: DataConfig, *, frames: int, rank: int = 0, world_size: int = 1) -> None:
         self.cfg = cfg
         self.urls = shard_urls(cfg.shards)
-        consumers = world_size * max(cfg.workers, 1)
-        if not cfg.resample and len(self.urls) < consumers:
-            raise ValueError(
-                f"{len(self.urls)} shard(s) for {world_size} rank(s) x {max(cfg.workers, 1)} worker(s) ="
-                f" {consumers} consumers: each needs at least one shard. Write smaller shards"
-                " (music2vec shard --shard-max-count), lower data.workers, or set data.resample=true"
-            )
+        if cfg.workers == AUTO_WORKERS:
+            raise ValueError("data.workers=-1 must be resolved first: DataConfig.sized_for(cpus_per_rank)")
+        check_shard_count(len(self.urls), cfg, world_size)
         self.stream = ShardStream(cfg, self.urls, frames=frames, rank=rank, world_size=world_size, workers=cfg.workers)
         self._workers: dict[int, dict[str, Any]] = {}
         self._next_worker = 0
@@ -350,6 +366,7 @@ class StreamingLoader:
             # Workers seed themselves from the config; a private generator keeps DataLoader from drawing its worker
             # seeds from torch's global RNG, whose stream dropout and LayerDrop must see unchanged across a resume.
             generator=torch.Generator().manual_seed(self.cfg.seed),
+            worker_init_fn=_leave_signals_to_the_trainer,
         )
         for tagged in loader:
             self._workers[tagged.worker] = tagged.state

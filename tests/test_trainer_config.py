@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.config import load_job_config
 from trainer.config import ExperimentConfig, load_config, save_config
 from trainer.ds_config import deepspeed_config
 from trainer.schedule import tri_stage_lr
@@ -14,7 +15,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 @pytest.mark.parametrize("name", ["music2vec_base", "music2vec_30s", "tiny"])
 def test_shipped_configs_load_and_fill_a_deepspeed_config(name):
-    cfg = load_config(CONFIGS / f"{name}.yaml")
+    cfg, cluster = load_job_config(CONFIGS / f"{name}.yaml")  # experiment + the cluster: section (defaults if none)
+    assert cluster.world_size == 8
     ds = deepspeed_config(cfg, world_size=8)
     assert ds["train_batch_size"] == cfg.data.batch_size * cfg.train.grad_accum * 8
     assert ds["zero_optimization"]["stage"] == cfg.train.zero_stage
@@ -22,7 +24,7 @@ def test_shipped_configs_load_and_fill_a_deepspeed_config(name):
 
 
 def test_the_paper_settings():
-    best, start = load_config(CONFIGS / "music2vec_base.yaml"), load_config(CONFIGS / "music2vec_30s.yaml")
+    (best, _), (start, _) = (load_job_config(CONFIGS / f"{name}.yaml") for name in ("music2vec_base", "music2vec_30s"))
     for cfg in (best, start):
         assert cfg.model.average_top_k_layers == 8
         assert (cfg.data.mask_prob, cfg.data.mask_length) == (0.65, 10)

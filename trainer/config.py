@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -107,14 +109,32 @@ def _refuse(problems: list[str]) -> None:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Defaults, then the YAML at `path`, then `key=value` overrides; validated into an `ExperimentConfig`."""
+    layers = read_layers(path, overrides)
+    with config_errors(str(path) if path else "defaults"):
+        return experiment_config(layers)
+
+
+def read_layers(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> list[DictConfig]:
+    """The YAML (if any) and the overrides, unvalidated: a launcher may take its own section out first."""
     source = str(path) if path else "defaults"
-    try:
-        layers = [_mapping(OmegaConf.load(path), source)] if path else []
+    with config_errors(source):
+        layers = [_mapping(OmegaConf.load(path))] if path else []
         layers.append(OmegaConf.from_dotlist(list(overrides)))
-        preset_name = _pop_preset(layers)
-        schema = OmegaConf.structured(ExperimentConfig(model=preset(preset_name)))
-        merged = OmegaConf.merge(schema, *layers)
-        return OmegaConf.to_object(merged)
+        return layers
+
+
+def experiment_config(layers: list[DictConfig]) -> ExperimentConfig:
+    """Layers merged over the defaults (of `model.preset`'s architecture); call inside `config_errors`."""
+    preset_name = _pop_preset(layers)
+    schema = OmegaConf.structured(ExperimentConfig(model=preset(preset_name)))
+    return OmegaConf.to_object(OmegaConf.merge(schema, *layers))
+
+
+@contextmanager
+def config_errors(source: str) -> Iterator[None]:
+    """Turns every way a config can be wrong into one ValueError (or FileNotFoundError) that names `source`."""
+    try:
+        yield
     except FileNotFoundError:
         raise FileNotFoundError(f"{source}: no such config file") from None
     except OmegaConfBaseException as error:
@@ -123,9 +143,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ValueError(f"{source}: {error}") from None
 
 
-def _mapping(layer: Any, source: str) -> DictConfig:
+def _mapping(layer: Any) -> DictConfig:
     if not isinstance(layer, DictConfig):
-        raise TypeError(f"{source}: expected a mapping of sections (model, data, optim, train)")
+        raise TypeError("expected a mapping of sections (model, data, optim, train)")
     return layer
 
 
@@ -148,6 +168,18 @@ def _first_line(error: Exception) -> str:
 def _full_key(error: Exception) -> str:
     key = getattr(error, "full_key", None)
     return f" (key: {key})" if key else ""
+
+
+def check_run_dir(cfg: ExperimentConfig, run_dir: Path, *, allow_config_change: bool) -> None:
+    """Refuse a run directory that ran another config, unless allowed (a launcher checks before submitting)."""
+    saved = run_dir / "config.yaml"
+    if saved.is_file() and not allow_config_change:
+        previous = load_config(saved)
+        if previous.digest() != cfg.digest():
+            raise ValueError(
+                f"{saved} holds another config (digest {previous.digest()} vs {cfg.digest()}); use a new"
+                " train.run_dir, or pass --allow-config-change to continue this run with the new one"
+            )
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:

@@ -25,7 +25,9 @@ class MetricsLog:
         self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1)  # drop what a crash left past `start`
         self.jsonl = run_dir / "metrics.jsonl"
         _truncate_after(self.jsonl, start)
-        self.bar = tqdm(total=total, initial=start, desc="train", unit="update", dynamic_ncols=True)
+        self.total = total
+        # A progress bar on a terminal; in a job's log file, one plain line per `every` updates instead.
+        self.bar = tqdm(total=total, initial=start, desc="train", unit="update", dynamic_ncols=True, disable=None)
 
     def update(self, step: int, values: dict[str, float]) -> None:
         """One optimizer update's values; every `every` updates their means go to TensorBoard."""
@@ -44,8 +46,15 @@ class MetricsLog:
     def flush(self, step: int) -> None:
         if not self.enabled or not self.count:
             return
-        for name, total in self.sums.items():
-            self.writer.add_scalar(f"train/{name}", total / self.count, step)
+        means = {name: total / self.count for name, total in self.sums.items()}
+        for name, mean in means.items():
+            self.writer.add_scalar(f"train/{name}", mean, step)
+        if self.bar.disable:
+            print(
+                f"update {step}/{self.total}: loss {means['loss']:.4f}, lr {means['lr']:.2e},"
+                f" {means['audio_seconds_per_s']:.0f} audio-s/s, {means['step_time']:.3f} s/update",
+                flush=True,
+            )
         self.writer.add_scalar("system/max_rss_gb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, step)
         self.writer.flush()
         self.sums.clear()

@@ -8,8 +8,9 @@ that was never interrupted (same config, world size and data workers).
 from __future__ import annotations
 
 import json
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from data.loader import StreamingLoader
 from model import Music2Vec, save_hf
 from trainer import checkpoint
 from trainer.collectives import reduce_scalar
-from trainer.config import ExperimentConfig, load_config, save_config
+from trainer.config import ExperimentConfig, check_run_dir, save_config
 from trainer.engine import Engine
 from trainer.metrics import MetricsLog
 from trainer.schedule import tri_stage_lr
@@ -51,6 +52,7 @@ def check_runnable(cfg: ExperimentConfig) -> None:
 
 def train(cfg: ExperimentConfig, *, allow_config_change: bool = False, stop: StopFlag | None = None) -> TrainSummary:
     check_runnable(cfg)
+    cfg = replace(cfg, data=cfg.data.sized_for(cpus_per_rank()))
     rank, world_size = dist.get_rank(), dist.get_world_size()
     run_dir = Path(cfg.train.run_dir)
     prepare_run_dir(cfg, run_dir, rank=rank, allow_config_change=allow_config_change)
@@ -214,20 +216,18 @@ def seed_everything(seed: int, rank: int) -> None:
         torch.cuda.manual_seed(seed + rank)  # dropout on GPUs differs across ranks, as with fairseq's seeds
 
 
+def cpus_per_rank() -> int:
+    """The CPUs this process may use, shared with the other ranks on its machine (LOCAL_WORLD_SIZE says how many)."""
+    return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, *, rank: int, allow_config_change: bool) -> None:
     """Write config.yaml on a new run; refuse a run directory that ran another config, unless allowed."""
-    saved = run_dir / "config.yaml"
-    if saved.is_file() and not allow_config_change:
-        previous = load_config(saved)
-        if previous.digest() != cfg.digest():
-            raise ValueError(
-                f"{saved} holds another config (digest {previous.digest()} vs {cfg.digest()}); use a new"
-                " train.run_dir, or pass --allow-config-change to continue this run with the new one"
-            )
+    check_run_dir(cfg, run_dir, allow_config_change=allow_config_change)
     checkpoint.barrier()  # every rank has read the old config before rank 0 replaces it
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, saved)
+        save_config(cfg, run_dir / "config.yaml")
     checkpoint.barrier()
 
 

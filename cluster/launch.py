@@ -1,0 +1,191 @@
+"""`music2vec launch`: check everything that can be checked on the login node, then submit one job through submitit.
+
+A job is N nodes x G tasks (one per GPU, or `tasks_per_node` on CPUs); each task is one rank of the same
+`TrainingJob`. Nothing is queued unless the config, the shards, the DeepSpeed config at this world size and the run
+directory are all in order: a mistake costs seconds on the login node, not hours in the queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import submitit
+from omegaconf import OmegaConf
+
+from cluster import attempts
+from cluster.config import ClusterConfig
+from cluster.job import TrainingJob
+from data.audio import SAMPLE_RATE
+from data.loader import check_shard_count, shard_urls
+from trainer.config import ExperimentConfig, check_run_dir
+from trainer.ds_config import deepspeed_config
+
+# Job states (squeue / sacct) under which a job may still write into its run directory.
+ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "SUSPENDED"}
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    experiment: ExperimentConfig  # data.workers sized for the task's CPUs
+    cluster: ClusterConfig
+    shards: int
+    workdir: Path  # where relative paths in the config point; the job runs there too
+
+    @property
+    def run_dir(self) -> Path:
+        return self.workdir / self.experiment.train.run_dir
+
+
+def plan_launch(experiment: ExperimentConfig, cluster: ClusterConfig, *, allow_config_change: bool) -> LaunchPlan:
+    """Validate a launch without submitting anything; each problem is a ValueError naming the key, file or value."""
+    experiment = replace(experiment, data=experiment.data.sized_for(cluster.cpus_per_task))
+    if experiment.train.precision == "fp16" and cluster.gpus_per_node == 0:
+        raise ValueError("train.precision=fp16 needs GPUs (cluster.gpus_per_node=0); use bf16 or fp32")
+    shards = reachable_shards(experiment)
+    check_shard_count(shards, experiment.data, cluster.world_size)
+    deepspeed_config(experiment, cluster.world_size)  # a template contradicting this world size fails here
+    plan = LaunchPlan(experiment, cluster, shards, Path.cwd())
+    check_run_dir(experiment, plan.run_dir, allow_config_change=allow_config_change)
+    check_writable(plan.run_dir)
+    check_not_running(plan.run_dir)
+    return plan
+
+
+def reachable_shards(cfg: ExperimentConfig) -> int:
+    """How many shards `data.shards` names, after checking that the local ones exist (URLs are left to the job)."""
+    if not cfg.data.shards:
+        raise ValueError("data.shards is empty: set it to a manifest.json from `music2vec shard`, or a URL pattern")
+    urls = shard_urls(cfg.data.shards)
+    missing = [url for url in urls if "://" not in url and not url.startswith("pipe:") and not Path(url).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(urls)} shards in data.shards={cfg.data.shards} do not exist here, e.g."
+            f" {missing[0]}; the job's nodes must see the same paths as this machine"
+        )
+    return len(urls)
+
+
+def check_writable(run_dir: Path) -> None:
+    """The run directory, or the folder it will be created in, must be a writable folder (nothing is created yet)."""
+    existing = next(folder for folder in (run_dir, *run_dir.parents) if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"train.run_dir={run_dir} cannot be written: {existing} is not a writable folder")
+
+
+def check_not_running(run_dir: Path) -> None:
+    """Two jobs writing one run directory would overwrite each other's checkpoints."""
+    from cluster.status import job_state
+
+    job = attempts.latest_job(run_dir)
+    if job is None:
+        return
+    state = job_state(job)
+    if state in ACTIVE_STATES:
+        raise ValueError(
+            f"{run_dir} already has job {job.job_id} ({state}); wait for it, or cancel it (scancel {job.job_id})"
+            " and launch again to resume"
+        )
+
+
+def describe(plan: LaunchPlan) -> str:
+    """The dry run's report: resolved config, world, batch arithmetic and the scheduler parameters."""
+    cfg, cluster = plan.experiment, plan.cluster
+    crops = cfg.data.batch_size * cfg.train.grad_accum
+    seconds = crops * cfg.data.crop_seconds
+    world = cluster.world_size
+    devices = f"{cluster.gpus_per_node} GPUs" if cluster.gpus_per_node else f"{cluster.tasks} CPU tasks"
+    consumers = world * max(cfg.data.workers, 1)
+    world_line = (
+        f"world: {cluster.nodes} node(s) x {devices} = {world} ranks; {cfg.data.workers} loader workers per rank"
+        f" (cluster.cpus_per_task={cluster.cpus_per_task}); {plan.shards} shards for {consumers} loader consumers"
+    )
+    per_rank = (
+        f"per rank: {cfg.data.batch_size} crops x {cfg.data.crop_seconds:g} s per micro-batch,"
+        f" x {cfg.train.grad_accum} micro-batches = {crops} crops = {seconds / 60:.1f} min of audio per update"
+    )
+    samples = crops * world * round(cfg.data.crop_seconds * SAMPLE_RATE)
+    total_hours = seconds * world * cfg.optim.max_updates / 3600
+    global_line = (
+        f"global: {crops * world} crops = {seconds * world / 60:.1f} min of audio ({samples / 1e6:.2f} M samples)"
+        f" per update; {cfg.optim.max_updates} updates = {total_hours:,.0f} h of audio"
+    )
+    lines = [
+        "# resolved experiment config",
+        OmegaConf.to_yaml(OmegaConf.create(cfg.to_dict())).rstrip(),
+        "",
+        world_line,
+        per_rank,
+        global_line,
+        f"run directory: {plan.run_dir}",
+        "",
+        f"# {cluster.executor} job",
+        *scheduler_lines(plan),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def scheduler_lines(plan: LaunchPlan) -> list[str]:
+    folder = plan.run_dir / "jobs" / "%j"
+    if plan.cluster.executor == "local":
+        return [f"{name}={value}" for name, value in local_parameters(plan.cluster).items()]
+    # submitit's own sbatch writer, so the dry run shows exactly what would be submitted
+    script = submitit.slurm.slurm._make_sbatch_string(
+        command="python -u -m submitit.core._submit", folder=str(folder), **slurm_parameters(plan.cluster)
+    )
+    return [line for line in script.splitlines() if line.startswith("#SBATCH")]
+
+
+def slurm_parameters(cluster: ClusterConfig) -> dict[str, Any]:
+    parameters: dict[str, Any] = {
+        "job_name": cluster.job_name,
+        "nodes": cluster.nodes,
+        "ntasks_per_node": cluster.tasks,
+        "cpus_per_task": cluster.cpus_per_task,
+        "time": cluster.timeout_min,
+        "signal_delay_s": cluster.signal_delay_s,
+        "stderr_to_stdout": True,
+        # requeueable, so SLURM itself requeues the job after a node failure or a preemption
+        "additional_parameters": {"requeue": True},
+    }
+    if cluster.gpus_per_node:
+        parameters["gpus_per_node"] = cluster.gpus_per_node
+    optional = {"partition": cluster.partition, "account": cluster.account, "qos": cluster.qos}
+    optional |= {"constraint": cluster.constraint, "mem": cluster.mem}
+    return parameters | {name: value for name, value in optional.items() if value}
+
+
+def local_parameters(cluster: ClusterConfig) -> dict[str, Any]:
+    return {
+        "tasks_per_node": cluster.tasks,
+        "gpus_per_node": cluster.gpus_per_node,
+        "timeout_min": cluster.timeout_min,
+        "signal_delay_s": cluster.signal_delay_s,
+    }
+
+
+def submit(plan: LaunchPlan, *, allow_config_change: bool) -> submitit.Job:
+    """Queue the job (SLURM) or start it (local processes), and note the submission in the run directory."""
+    folder = plan.run_dir / "jobs" / "%j"
+    if plan.cluster.executor == "slurm":
+        executor: submitit.Executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=plan.cluster.max_requeues)
+        executor.update_parameters(**slurm_parameters(plan.cluster))
+    else:
+        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=plan.cluster.max_requeues)
+        executor.update_parameters(**local_parameters(plan.cluster))
+    job = TrainingJob(plan.experiment, workdir=str(plan.workdir), allow_config_change=allow_config_change)
+    submitted = executor.submit(job)
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # submitit leaves an empty folder named by the unexpanded pattern
+    attempts.record(
+        plan.run_dir,
+        "submitted",
+        job_id=submitted.job_id,
+        executor=plan.cluster.executor,
+        world_size=plan.cluster.world_size,
+        logs=str(plan.run_dir / "jobs" / submitted.job_id),
+    )
+    return submitted

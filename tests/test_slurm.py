@@ -1,0 +1,206 @@
+"""`music2vec launch` on a real SLURM: the project's one-node cluster (cluster/testing/local_slurm.sh), 2 tasks on CPU.
+
+The reference run is never interrupted; every other run must log exactly its per-update losses, so no update was
+lost or repeated across requeues, cancels and kills.
+"""
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.attempts import latest_job
+from trainer.checkpoint import complete_checkpoints
+from trainer.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "cluster" / "testing" / "local_slurm.sh"
+MUSIC2VEC = str(Path(sys.executable).parent / "music2vec")
+UPDATES = 40
+
+
+@pytest.fixture(scope="session")
+def slurm() -> str:
+    """The local cluster's partition; the cluster is started for these tests (and stopped after them) unless it
+    was already running."""
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster needs root: it installs packages and runs munged, slurmctld and slurmd")
+    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
+        pytest.skip("SLURM is not installed and there is no apt-get to install it")
+    running = subprocess.run(["bash", str(SCRIPT), "status"], capture_output=True, check=False).returncode == 0
+    if not running:
+        started = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, check=False)
+        assert started.returncode == 0, f"local_slurm.sh start failed:\n{started.stderr[-3000:]}"
+    partitions = subprocess.run(["sinfo", "--noheader", "-o", "%P"], capture_output=True, text=True, check=True)
+    yield partitions.stdout.split()[0].rstrip("*")
+    if not running:
+        subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, check=True)
+
+
+def launch_command(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        MUSIC2VEC,
+        "launch",
+        str(ROOT / "configs" / "tiny.yaml"),
+        f"data.shards={shards}",
+        f"train.run_dir={run_dir}",
+        f"optim.max_updates={UPDATES}",
+        "train.checkpoint_every=10",
+        "train.keep_last=10",
+        "--executor=slurm",
+        "--gpus-per-node=0",
+        "--tasks-per-node=2",
+        "--cpus-per-task=1",
+        "--time=15",
+        *extra,
+    ]
+
+
+def run(command: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, check=False, timeout=600)
+
+
+def slurm_states(job_id: str) -> list[str]:
+    """Every record sacct keeps of the job, requeues included, oldest first."""
+    command = ["sacct", "--duplicates", "--allocations", "--noheader", "--parsable2", "-o", "State", "-j", job_id]
+    listed = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return [line.split()[0] for line in listed.splitlines()]
+
+
+def in_queue(job_id: str) -> bool:
+    """Still pending, running or completing (its processes not all gone)."""
+    listed = subprocess.run(["squeue", "--noheader", "--jobs", job_id], capture_output=True, text=True, check=False)
+    return bool(listed.stdout.strip())
+
+
+def wait_until(condition, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def status_row(run_dir: Path) -> list[str]:
+    return run([MUSIC2VEC, "status", str(run_dir)]).stdout.splitlines()[1].split()
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    entries = read_metrics(run_dir)
+    steps = [entry["step"] for entry in entries]
+    assert steps == list(range(1, len(steps) + 1)), f"updates lost or repeated: {steps}"
+    return {entry["step"]: entry["loss"] for entry in entries}
+
+
+@pytest.fixture(scope="module")
+def reference(slurm, demo_shards, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("slurm") / "reference"
+    result = run(launch_command(demo_shards, run_dir, f"--partition={slurm}", "--wait"))
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    return run_dir
+
+
+def test_two_task_job_trains_and_checkpoints(reference):
+    job = latest_job(reference)
+    wait_until(lambda: slurm_states(job.job_id) != ["RUNNING"], "the batch script to end")  # results come first
+    assert slurm_states(job.job_id) == ["COMPLETED"]
+    assert len(losses(reference)) == UPDATES
+    assert [step for step, _ in complete_checkpoints(reference)] == [10, 20, 30, 40]
+    assert (reference / "exports" / "step_000000040" / "model.safetensors").is_file()
+    events = [json.loads(line)["event"] for line in (reference / "attempts.jsonl").read_text().splitlines()]
+    assert events == ["submitted", "started", "ended"]
+    [attempt] = job.attempts
+    assert (attempt.restart, attempt.start_step, attempt.end_step, attempt.reason) == (0, 0, UPDATES, "done")
+    assert attempt.details["world_size"] == 2
+    log = (reference / "jobs" / job.job_id / f"{job.job_id}_0_log.out").read_text()
+    assert f"update {UPDATES}/{UPDATES}: loss" in log  # plain progress lines in the job's log, not a progress bar
+    assert status_row(reference)[1:4] == [job.job_id, "done", f"{UPDATES}/{UPDATES}"]
+
+
+def test_timeout_signal_checkpoints_requeues_and_finishes(reference, demo_shards, tmp_path):
+    """USR2 is what SLURM sends `signal_delay_s` before the time limit; a second one comes while the first is
+    being handled. The job checkpoints, requeues itself, and the next attempt finishes the run."""
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(launch_command(demo_shards, run_dir, "--wait"), stdout=subprocess.PIPE, text=True)
+    wait_until(lambda: len(read_metrics(run_dir)) >= 13, "training to pass update 13")
+    job_id = latest_job(run_dir).job_id
+    for _ in range(2):
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+        time.sleep(0.1)
+    output, _ = launcher.communicate(timeout=600)
+    assert launcher.returncode == 0, output
+
+    assert losses(run_dir) == losses(reference)  # every update exactly once, each the same as uninterrupted
+    wait_until(lambda: slurm_states(job_id)[-1] != "RUNNING", "the batch script to end")
+    states = slurm_states(job_id)
+    assert states[0] == "REQUEUED"
+    assert states[-1] == "COMPLETED"
+    attempts = latest_job(run_dir).attempts
+    assert attempts[0].reason == "requeue (SIGUSR2)"
+    assert 13 <= attempts[0].end_step < UPDATES
+    assert attempts[0].end_step in dict(complete_checkpoints(run_dir))  # the checkpoint written for the requeue
+    assert attempts[-1].reason == "done"
+    assert attempts[-1].end_step == UPDATES
+    for before, after in itertools.pairwise(attempts):
+        assert after.restart == before.restart + 1
+        assert after.start_step == before.end_step
+
+
+def test_cancel_and_a_killed_node_leave_a_run_that_resumes(reference, demo_shards, tmp_path):
+    """scancel (SIGTERM, then SIGKILL after KillWait) and a node lost without any signal (SIGKILL to every process
+    of the job, in the middle of writing a checkpoint); launching again resumes from the last COMPLETE checkpoint."""
+    run_dir = tmp_path / "run"
+    command = launch_command(demo_shards, run_dir)
+
+    assert run(command).returncode == 0
+    wait_until(lambda: len(read_metrics(run_dir)) >= 5, "training to pass update 5")
+    cancelled = latest_job(run_dir).job_id
+    subprocess.run(["scancel", cancelled], check=True)
+    wait_until(lambda: not in_queue(cancelled), "the cancelled job's processes to end")  # KillWait lets them save
+    assert slurm_states(cancelled) == ["CANCELLED"]
+    [attempt] = latest_job(run_dir).attempts
+    assert attempt.reason == "stopped (SIGTERM)"
+    assert [step for step, _ in complete_checkpoints(run_dir)] == [attempt.end_step]
+    assert status_row(run_dir)[1:3] == [cancelled, "cancelled"]
+
+    assert run(command).returncode == 0  # resumes: a new job, the same run directory
+    killed = latest_job(run_dir).job_id
+    assert killed != cancelled
+    next_checkpoint = run_dir / "checkpoints" / "step_000000020"
+    wait_until(next_checkpoint.exists, "the next checkpoint to be started")
+    for pid in _job_processes(killed):
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not in_queue(killed), "the killed job to end")
+    assert slurm_states(killed) == ["FAILED"]
+    assert latest_job(run_dir).attempts[-1].reason is None  # killed: no chance to say why
+    last_complete = complete_checkpoints(run_dir)[-1][0]
+
+    result = run([*command, "--wait"])
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert losses(run_dir) == losses(reference)
+    [attempt] = latest_job(run_dir).attempts
+    assert (attempt.start_step, attempt.end_step, attempt.reason) == (last_complete, UPDATES, "done")
+
+
+def _job_processes(job_id: str) -> list[int]:
+    """The PIDs of the job's tasks and their loader workers (not slurmstepd: the node's daemons stay up)."""
+    listed = subprocess.run(["scontrol", "listpids", job_id], capture_output=True, text=True, check=True).stdout
+    pids = [int(line.split()[0]) for line in listed.splitlines()[1:] if line.split() and line.split()[0] != "-1"]
+    return [pid for pid in pids if "python" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
+
+
+def test_bad_config_is_refused_before_submission(slurm, demo_shards, tmp_path):
+    accounted = ["sacct", "--allocations", "--noheader", "--parsable2", "-o", "JobID"]
+    before = subprocess.run(accounted, capture_output=True, text=True, check=True).stdout
+    result = run(launch_command(demo_shards, tmp_path / "run", "optim.lr=-1", f"--partition={slurm}"))
+    assert result.returncode == 2
+    assert "optim.lr=-1.0 must be positive" in result.stderr
+    after = subprocess.run(accounted, capture_output=True, text=True, check=True).stdout
+    assert after == before, "nothing may be queued"
+    assert not (tmp_path / "run").exists()

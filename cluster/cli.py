@@ -70,7 +70,7 @@ def _launch(args: argparse.Namespace) -> int:
     job = submit(plan, allow_config_change=args.allow_config_change)
     print(
         f"submitted {cluster.executor} job {job.job_id}: {cluster.world_size} rank(s) training into {plan.run_dir};"
-        f" logs in {plan.run_dir / 'jobs' / job.job_id}; watch it with: music2vec status {plan.run_dir}",
+        f" logs in {job.paths.folder}; watch it with: music2vec status {plan.run_dir}",
         flush=True,
     )
     if cluster.executor == "local" or args.wait:
@@ -85,11 +85,21 @@ def _wait(job: Any) -> int:
     try:
         summary = job.results()[0]
     except (FailedJobError, UncompletedJobError) as error:
-        print(f"job {job.job_id} did not finish: {str(error).strip().splitlines()[-1]}", file=sys.stderr)
+        print(
+            f"job {job.job_id} did not finish: {_last_error_line(str(error))}; logs in {job.paths.folder}",
+            file=sys.stderr,
+        )
         return 1
     ended = f"stopped by {summary['stopped_by']}" if summary["stopped_by"] else "done"
     print(f"job {job.job_id} {ended}: updates {summary['start_step']} -> {summary['end_step']}")
     return 0
+
+
+def _last_error_line(report: str) -> str:
+    """The exception line of the traceback submitit reports (it is followed by dashes and the log paths)."""
+    traceback = report.split("You can check full logs", maxsplit=1)[0]
+    lines = [line.strip() for line in traceback.splitlines() if line.strip().strip("-")]
+    return lines[-1] if lines else report.strip()
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -104,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="music2vec",
         description="Pretrain Music2Vec (data2vec-audio on music) with DeepSpeed and probe every checkpoint.",
     )
+    # The deepspeed launcher passes --local_rank to every process (LOCAL_RANK in the environment says the same).
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser(
         "demo", help="the embedded default job: procedural music -> shards -> the tiny model trained on CPU"

@@ -42,8 +42,8 @@ class TrainingJob(submitit.helpers.Checkpointable):
         import torch.distributed as dist  # the heavy imports come after: they take seconds
 
         from cluster.environment import from_submitit, init_distributed
-        from trainer import checkpoint
         from trainer.collectives import reduce_scalar
+        from trainer.layout import latest_complete
         from trainer.train import TrainingAbortedError, train
 
         os.chdir(self.workdir)
@@ -51,15 +51,15 @@ class TrainingJob(submitit.helpers.Checkpointable):
         init_distributed(environment)
         run_dir = Path(self.cfg.train.run_dir)
         attempt = _AttemptLog(run_dir, enabled=environment.rank == 0)
-        attempt.started(_step(checkpoint.latest_complete(run_dir)), world_size=environment.world_size)
+        attempt.started(_step(latest_complete(run_dir)), world_size=environment.world_size)
 
         try:
             summary = train(self.cfg, allow_config_change=self.allow_config_change, stop=stop)
         except TrainingAbortedError as error:
-            attempt.ended(_step(checkpoint.latest_complete(run_dir)), f"aborted: {error}")
+            attempt.ended(_step(latest_complete(run_dir)), f"aborted: {error}")
             raise
         except BaseException as error:
-            attempt.ended(_step(checkpoint.latest_complete(run_dir)), f"failed: {type(error).__name__}: {error}")
+            attempt.ended(_step(latest_complete(run_dir)), f"failed: {type(error).__name__}: {error}")
             raise
 
         stop.uninstall()  # a late signal must not kill a process that is about to requeue or return

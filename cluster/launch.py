@@ -7,8 +7,8 @@ directory are all in order: a mistake costs seconds on the login node, not hours
 
 from __future__ import annotations
 
-import contextlib
 import os
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -129,7 +129,7 @@ def describe(plan: LaunchPlan) -> str:
 
 
 def scheduler_lines(plan: LaunchPlan) -> list[str]:
-    folder = plan.run_dir / "jobs" / "%j"
+    folder = job_folder(plan)
     if plan.cluster.executor == "local":
         return [f"{name}={value}" for name, value in local_parameters(plan.cluster).items()]
     # submitit's own sbatch writer, so the dry run shows exactly what would be submitted
@@ -169,7 +169,7 @@ def local_parameters(cluster: ClusterConfig) -> dict[str, Any]:
 
 def submit(plan: LaunchPlan, *, allow_config_change: bool) -> submitit.Job:
     """Queue the job (SLURM) or start it (local processes), and note the submission in the run directory."""
-    folder = plan.run_dir / "jobs" / "%j"
+    folder = job_folder(plan)
     if plan.cluster.executor == "slurm":
         executor: submitit.Executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=plan.cluster.max_requeues)
         executor.update_parameters(**slurm_parameters(plan.cluster))
@@ -178,14 +178,20 @@ def submit(plan: LaunchPlan, *, allow_config_change: bool) -> submitit.Job:
         executor.update_parameters(**local_parameters(plan.cluster))
     job = TrainingJob(plan.experiment, workdir=str(plan.workdir), allow_config_change=allow_config_change)
     submitted = executor.submit(job)
-    with contextlib.suppress(OSError):
-        folder.rmdir()  # submitit leaves an empty folder named by the unexpanded pattern
     attempts.record(
         plan.run_dir,
         "submitted",
         job_id=submitted.job_id,
         executor=plan.cluster.executor,
         world_size=plan.cluster.world_size,
-        logs=str(plan.run_dir / "jobs" / submitted.job_id),
+        logs=str(submitted.paths.folder),
     )
     return submitted
+
+
+def job_folder(plan: LaunchPlan) -> Path:
+    """jobs/<SLURM job id>/; a local job's id is a process id, which the system reuses, so it gets a dated folder
+    (submitit would otherwise find an old job's result there)."""
+    if plan.cluster.executor == "slurm":
+        return plan.run_dir / "jobs" / "%j"
+    return plan.run_dir / "jobs" / time.strftime("local-%Y%m%d-%H%M%S")

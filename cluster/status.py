@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster import attempts
-from trainer.checkpoint import latest_complete
+from trainer.layout import latest_complete
 
 # SLURM's job states, as the one word a person scanning the table needs.
 _PLAIN_STATES = {

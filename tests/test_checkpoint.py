@@ -1,6 +1,7 @@
 """Checkpoint bookkeeping on real folders: what counts as complete, what is kept."""
 
-from trainer.checkpoint import complete_checkpoints, latest_complete, marker_content, prune, tag, write_marker
+from trainer.checkpoint import marker_content, prune, write_marker
+from trainer.layout import complete_checkpoints, latest_complete, tag
 
 
 def make(run_dir, step, *, complete=True):

@@ -23,6 +23,19 @@ def test_help_lists_the_commands(music2vec):
     assert "demo" in result.stdout
 
 
+def test_readme_documents_every_command_and_no_other():
+    import argparse
+    import re
+
+    from cluster.cli import build_parser
+
+    parser = build_parser()
+    [commands] = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    documented = set(re.findall(r"^\| `music2vec (\w+)", readme, flags=re.MULTILINE))
+    assert documented == set(commands.choices)
+
+
 def test_demo_makes_music_shards_and_a_trained_run(music2vec, tmp_path):
     out = tmp_path / "demo"
     cmd = [music2vec, "demo", "--out", str(out), "--clips", "6", "--steps", "20"]

@@ -13,8 +13,8 @@ import pytest
 from cluster.attempts import latest_job
 from cluster.cli import main
 from cluster.config import ClusterConfig, load_job_config, slurm_minutes
-from trainer.checkpoint import complete_checkpoints
 from trainer.config import load_config, save_config
+from trainer.layout import complete_checkpoints
 from trainer.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,17 +123,7 @@ def test_local_job_requeues_on_the_timeout_signal_and_finishes(tmp_path, demo_sh
     updates, run_dir = 30, tmp_path / "run"
     args = launch_args(demo_shards, run_dir, f"optim.max_updates={updates}", "train.checkpoint_every=100")
     launcher = subprocess.Popen([MUSIC2VEC, *args, "--executor", "local"], stdout=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while len(read_metrics(run_dir)) < 5:
-        assert launcher.poll() is None, "the job ended before it trained"
-        assert time.monotonic() < deadline, "training did not start"
-        time.sleep(0.1)
-    ranks = [int(event["pid"]) for event in _started(run_dir)]  # rank 0; its sibling is the other task
-    tasks = _tasks_of(ranks[0])
-    for _ in range(2):
-        for pid in tasks:
-            os.kill(pid, signal.SIGUSR2)
-        time.sleep(0.05)
+    _signal_tasks_after(run_dir, launcher, updates=5, times=2)
     output, _ = launcher.communicate(timeout=300)
     assert launcher.returncode == 0, output
     assert f"updates {_first_end(run_dir)} -> {updates}" in output
@@ -146,6 +136,39 @@ def test_local_job_requeues_on_the_timeout_signal_and_finishes(tmp_path, demo_sh
     assert job.attempts[1].start_step == job.attempts[0].end_step
     assert job.attempts[1].reason == "done"
     assert [step for step, _ in complete_checkpoints(run_dir)] == [job.attempts[0].end_step, updates]
+
+
+def test_a_job_out_of_requeues_checkpoints_and_stops(tmp_path, demo_shards):
+    """submitit counts a signal as a time-out once the job is within 10 min of its limit (else as a preemption,
+    which is always requeued); with a 10 min limit every signal is a time-out."""
+    run_dir = tmp_path / "run"
+    args = launch_args(demo_shards, run_dir, "optim.max_updates=100", "train.checkpoint_every=100")
+    launcher = subprocess.Popen(
+        [MUSIC2VEC, *args, "--executor=local", "--max-requeues=0", "--time=10"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _signal_tasks_after(run_dir, launcher, updates=3, times=1)
+    _, errors = launcher.communicate(timeout=300)
+    assert launcher.returncode == 1
+    assert "timed-out too many times" in errors
+    [attempt] = latest_job(run_dir).attempts
+    assert [step for step, _ in complete_checkpoints(run_dir)] == [attempt.end_step]  # nothing lost
+
+
+def _signal_tasks_after(run_dir: Path, launcher: subprocess.Popen, *, updates: int, times: int) -> None:
+    """USR2 (what SLURM sends before a time limit) to every task of the job once it has done `updates` updates."""
+    deadline = time.monotonic() + 300
+    while len(read_metrics(run_dir)) < updates:
+        assert launcher.poll() is None, "the job ended before it trained"
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.1)
+    rank0 = int(_started(run_dir)[-1]["pid"])
+    for _ in range(times):
+        for pid in _tasks_of(rank0):
+            os.kill(pid, signal.SIGUSR2)
+        time.sleep(0.05)
 
 
 def _started(run_dir: Path) -> list[dict]:

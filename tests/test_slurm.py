@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from cluster.attempts import latest_job
-from trainer.checkpoint import complete_checkpoints
+from trainer.layout import complete_checkpoints
 from trainer.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,12 +161,15 @@ def test_cancel_and_a_killed_node_leave_a_run_that_resumes(reference, demo_shard
     assert run(command).returncode == 0
     wait_until(lambda: len(read_metrics(run_dir)) >= 5, "training to pass update 5")
     cancelled = latest_job(run_dir).job_id
+    second = run(command)  # two jobs writing one run directory would overwrite each other's checkpoints
+    assert second.returncode == 2
+    assert f"already has job {cancelled} (RUNNING)" in second.stderr
     subprocess.run(["scancel", cancelled], check=True)
     wait_until(lambda: not in_queue(cancelled), "the cancelled job's processes to end")  # KillWait lets them save
     assert slurm_states(cancelled) == ["CANCELLED"]
     [attempt] = latest_job(run_dir).attempts
     assert attempt.reason == "stopped (SIGTERM)"
-    assert [step for step, _ in complete_checkpoints(run_dir)] == [attempt.end_step]
+    assert complete_checkpoints(run_dir)[-1][0] == attempt.end_step  # it checkpointed before it stopped
     assert status_row(run_dir)[1:3] == [cancelled, "cancelled"]
 
     assert run(command).returncode == 0  # resumes: a new job, the same run directory

@@ -15,8 +15,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import Data2VecAudioModel
 
 from model import Music2Vec, ema_decay, load_hf
-from trainer.checkpoint import complete_checkpoints
 from trainer.config import load_config
+from trainer.layout import complete_checkpoints
 from trainer.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,6 +147,20 @@ def test_two_ranks_with_zero2_train_checkpoint_and_resume(demo_shards, tmp_path)
     assert "resuming" in result.stdout
     assert [step for step, _ in complete_checkpoints(tmp_path)][-1] == 12
     assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 13))
+
+
+def test_the_deepspeed_launcher_runs_the_same_training_as_torchrun(demo_shards, tmp_path):
+    port = str(29_500 + os.getpid() % 1000)
+    deepspeed = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus=2", f"--master_port={port}"]
+    losses = {}
+    threads = os.environ | {"OMP_NUM_THREADS": "1"}  # torchrun's default; summation order depends on the count
+    for launcher, prefix in (("torchrun", torchrun(2, [])), ("deepspeed", deepspeed)):
+        result = run([*prefix, *command(demo_shards, tmp_path / launcher, "optim.max_updates=6")], env=threads)
+        assert result.returncode == 0, result.stderr[-3000:]
+        marker = json.loads((tmp_path / launcher / "checkpoints" / "step_000000006" / "COMPLETE").read_text())
+        assert marker["world_size"] == 2
+        losses[launcher] = [entry["loss"] for entry in read_metrics(tmp_path / launcher)]
+    assert losses["deepspeed"] == losses["torchrun"]
 
 
 @pytest.mark.parametrize("ranks", [1, 2])

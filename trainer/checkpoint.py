@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import time
 from pathlib import Path
@@ -23,27 +22,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-COMPLETE = "COMPLETE"
-_STEP_DIR = re.compile(r"step_(\d{9})")
-
-
-def tag(step: int) -> str:
-    return f"step_{step:09d}"
-
-
-def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete checkpoint, oldest first."""
-    found = []
-    for folder in (run_dir / "checkpoints").glob("step_*"):
-        match = _STEP_DIR.fullmatch(folder.name)
-        if match and (folder / COMPLETE).is_file():
-            found.append((int(match.group(1)), folder))
-    return sorted(found)
-
-
-def latest_complete(run_dir: Path) -> tuple[int, Path] | None:
-    checkpoints = complete_checkpoints(run_dir)
-    return checkpoints[-1] if checkpoints else None
+from trainer.layout import COMPLETE, STEP_DIR, complete_checkpoints
 
 
 def rng_state() -> dict[str, Any]:
@@ -112,7 +91,7 @@ def prune(run_dir: Path, *, keep_last: int, keep_every: int) -> None:
         shutil.rmtree(run_dir / "exports" / folder.name, ignore_errors=True)
     latest = checkpoints[-1][0] if checkpoints else -1
     for folder in (run_dir / "checkpoints").glob("step_*"):
-        match = _STEP_DIR.fullmatch(folder.name)
+        match = STEP_DIR.fullmatch(folder.name)
         if match and int(match.group(1)) < latest and not (folder / COMPLETE).is_file():
             shutil.rmtree(folder, ignore_errors=True)  # a save that a crash interrupted
             shutil.rmtree(run_dir / "exports" / folder.name, ignore_errors=True)

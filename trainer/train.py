@@ -24,6 +24,7 @@ from trainer import checkpoint
 from trainer.collectives import reduce_scalar
 from trainer.config import ExperimentConfig, check_run_dir, save_config
 from trainer.engine import Engine
+from trainer.layout import latest_complete, tag
 from trainer.metrics import MetricsLog
 from trainer.schedule import tri_stage_lr
 from trainer.stop import StopFlag
@@ -233,7 +234,7 @@ def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, *, rank: int, allow_co
 
 def resume(run_dir: Path, engine: Engine, loader: StreamingLoader, *, rank: int, digest: str) -> int:
     """Load the newest complete checkpoint, if any; the number of updates it had done (0 for a new run)."""
-    latest = checkpoint.latest_complete(run_dir)
+    latest = latest_complete(run_dir)
     if latest is None:
         return 0
     step, folder = latest
@@ -258,13 +259,13 @@ def save_checkpoint(
     world_size: int,
 ) -> Path:
     """Write checkpoints/step_N (then COMPLETE) and exports/step_N; every rank calls it."""
-    tag = checkpoint.tag(step)
-    folder = run_dir / "checkpoints" / tag
-    engine.save(folder.parent, tag)
+    name = tag(step)
+    folder = run_dir / "checkpoints" / name
+    engine.save(folder.parent, name)
     checkpoint.save_rank_state(folder, rank, {"loader": loader.state_dict(), "rng": checkpoint.rng_state()})
     with engine.gathered(engine.model.encoder) as encoder:
         if rank == 0:
-            save_hf(encoder, run_dir / "exports" / tag)
+            save_hf(encoder, run_dir / "exports" / name)
     if rank == 0:
         checkpoint.save_teacher(folder, engine.model.teacher.state_dict())
     checkpoint.barrier()  # every rank's files are on disk before COMPLETE says so

@@ -102,6 +102,24 @@ def _last_error_line(report: str) -> str:
     return lines[-1] if lines else report.strip()
 
 
+def _probe(args: argparse.Namespace) -> int:
+    import json
+
+    from probes.head import HeadConfig
+    from probes.probe import probe, summary_table
+
+    cache = Path(args.cache_dir) if args.cache_dir else None
+    head = HeadConfig(lr=args.lr)
+    rows = probe(
+        Path(args.checkpoint), args.tasks, data_root=Path(args.data_root), seeds=args.seeds, cache=cache, head=head
+    )
+    print(summary_table(rows), end="")
+    if args.out:
+        with Path(args.out).open("a") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     from cluster.status import status_table
 
@@ -117,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     # The deepspeed launcher passes --local_rank to every process (LOCAL_RANK in the environment says the same).
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(commands)
+    _add_shard(commands)
+    _add_train(commands)
+    _add_launch(commands)
+    _add_probe(commands)
+    _add_status(commands)
+    return parser
+
+
+def _add_demo(commands: Any) -> None:
     demo = commands.add_parser(
         "demo", help="the embedded default job: procedural music -> shards -> the tiny model trained on CPU"
     )
@@ -127,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=300, help="optimizer updates (default: %(default)s)")
     demo.set_defaults(run=_demo)
 
+
+def _add_shard(commands: Any) -> None:
     shard = commands.add_parser(
         "shard",
         help="raw audio (files, folders, globs, list files) -> 16 kHz FLAC clips in WebDataset shards + manifest",
@@ -142,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="decoding processes (default: all cores)")
     shard.set_defaults(run=_shard)
 
+
+def _add_train(commands: Any) -> None:
     train = commands.add_parser(
         "train", help="train on this machine: one process, or every rank under torchrun / the deepspeed launcher"
     )
@@ -152,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(run=_train)
 
+
+def _add_launch(commands: Any) -> None:
     launch = commands.add_parser(
         "launch", help="submit training as a job: SLURM through submitit (requeues itself), or local processes"
     )
@@ -178,10 +212,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     launch.set_defaults(run=_launch)
 
+
+def _add_probe(commands: Any) -> None:
+    probe = commands.add_parser("probe", help="probe one checkpoint on MIR tasks with frozen features")
+    probe.add_argument(
+        "checkpoint",
+        help="an export folder, a run's checkpoints/step_N, or any Hugging Face Data2VecAudioModel folder",
+    )
+    probe.add_argument("--tasks", nargs="+", required=True, metavar="TASK", help="e.g. demo_key demo_tempo")
+    probe.add_argument("--data-root", default="data/probes", help="where the datasets live (default: %(default)s)")
+    probe.add_argument("--seeds", nargs="+", type=int, default=[0], help="one head per seed (default: 0)")
+    probe.add_argument("--lr", type=float, help="the head's learning rate (default: the task's)")
+    probe.add_argument("--cache-dir", help="feature cache (default: ~/.cache/music2vec/features)")
+    probe.add_argument("--out", help="append the result rows to this JSON-lines file")
+    probe.set_defaults(run=_probe)
+
+
+def _add_status(commands: Any) -> None:
     status = commands.add_parser("status", help="one table across runs: job state, step, loss, throughput, ETA")
     status.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (train.run_dir)")
     status.set_defaults(run=_status)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -161,9 +161,6 @@ def test_cancel_and_a_killed_node_leave_a_run_that_resumes(reference, demo_shard
     assert run(command).returncode == 0
     wait_until(lambda: len(read_metrics(run_dir)) >= 5, "training to pass update 5")
     cancelled = latest_job(run_dir).job_id
-    second = run(command)  # two jobs writing one run directory would overwrite each other's checkpoints
-    assert second.returncode == 2
-    assert f"already has job {cancelled} (RUNNING)" in second.stderr
     subprocess.run(["scancel", cancelled], check=True)
     wait_until(lambda: not in_queue(cancelled), "the cancelled job's processes to end")  # KillWait lets them save
     assert slurm_states(cancelled) == ["CANCELLED"]
@@ -177,8 +174,13 @@ def test_cancel_and_a_killed_node_leave_a_run_that_resumes(reference, demo_shard
     assert killed != cancelled
     next_checkpoint = run_dir / "checkpoints" / "step_000000020"
     wait_until(next_checkpoint.exists, "the next checkpoint to be started")
+    subprocess.run(["scontrol", "suspend", killed], check=True)  # frozen where it is, mid-checkpoint
+    second = run(command)  # two jobs writing one run directory would overwrite each other's checkpoints
+    assert second.returncode == 2
+    assert f"already has job {killed} (SUSPENDED)" in second.stderr
     for pid in _job_processes(killed):
         os.kill(pid, signal.SIGKILL)
+    subprocess.run(["scontrol", "resume", killed], check=True)  # its srun sees the tasks gone
     wait_until(lambda: not in_queue(killed), "the killed job to end")
     assert slurm_states(killed) == ["FAILED"]
     assert latest_job(run_dir).attempts[-1].reason is None  # killed: no chance to say why

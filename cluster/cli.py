@@ -120,6 +120,26 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _nightly(args: argparse.Namespace) -> int:
+    from probes.head import HeadConfig
+    from probes.nightly import RunBusyError, nightly
+
+    cache = Path(args.cache_dir) if args.cache_dir else None
+    for run_dir in map(Path, args.run_dirs):
+        try:
+            rows = nightly(
+                run_dir, args.tasks, data_root=Path(args.data_root), seeds=args.seeds, cache=cache, head=HeadConfig()
+            )
+        except RunBusyError as busy:
+            print(f"skipped: {busy}", file=sys.stderr)
+            continue
+        steps = sorted({row["step"] for row in rows})
+        print(
+            f"{run_dir}: {len(rows)} new result rows (steps {steps or 'none'}); report {run_dir / 'probes/report.md'}"
+        )
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     from cluster.status import status_table
 
@@ -140,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_launch(commands)
     _add_probe(commands)
+    _add_nightly(commands)
     _add_status(commands)
     return parser
 
@@ -226,6 +247,18 @@ def _add_probe(commands: Any) -> None:
     probe.add_argument("--cache-dir", help="feature cache (default: ~/.cache/music2vec/features)")
     probe.add_argument("--out", help="append the result rows to this JSON-lines file")
     probe.set_defaults(run=_probe)
+
+
+def _add_nightly(commands: Any) -> None:
+    nightly = commands.add_parser(
+        "nightly", help="probe every COMPLETE checkpoint not probed yet; results, TensorBoard scalars, report"
+    )
+    nightly.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (train.run_dir)")
+    nightly.add_argument("--tasks", nargs="+", required=True, metavar="TASK", help="e.g. demo_key demo_tempo")
+    nightly.add_argument("--data-root", default="data/probes", help="where the datasets live (default: %(default)s)")
+    nightly.add_argument("--seeds", nargs="+", type=int, default=[0], help="one head per seed (default: 0)")
+    nightly.add_argument("--cache-dir", help="feature cache (default: ~/.cache/music2vec/features)")
+    nightly.set_defaults(run=_nightly)
 
 
 def _add_status(commands: Any) -> None:

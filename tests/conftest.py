@@ -60,3 +60,13 @@ def demo_shards(tmp_path_factory) -> Path:
     write_demo_corpus(folder / "audio", clips=12, seconds=8.0)
     write_shards([str(folder / "audio")], folder / "shards", ShardParams(clip_seconds=8, min_seconds=4, max_count=2))
     return folder / "shards" / "manifest.json"
+
+
+@pytest.fixture(scope="session")
+def probe_data(tmp_path_factory) -> Path:
+    """The demo probe tasks' clips (written once per test session)."""
+    from probes.datasets import demo
+
+    root = tmp_path_factory.mktemp("probe_data")
+    demo.prepare(root)
+    return root

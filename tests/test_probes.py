@@ -62,15 +62,8 @@ def export(tmp_path_factory) -> Path:
     return save_hf(Data2VecAudio(preset("tiny")), tmp_path_factory.mktemp("export") / "step_000000007")
 
 
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("probe_data")
-    demo.prepare(root)
-    return root
-
-
-def test_features_are_cached_per_checkpoint_and_task(export, demo_root, tmp_path):
-    examples = demo.examples(KEY, demo_root)[:6]
+def test_features_are_cached_per_checkpoint_and_task(export, probe_data, tmp_path):
+    examples = demo.examples(KEY, probe_data)[:6]
     first = task_features(export, "demo_key", examples, cache=tmp_path, progress=False)
     assert first.values.shape == (6, 5, 64)  # one 15 s window per clip; the tiny model's 4 layers + its input
     moved = [type(e)(tmp_path / "gone.flac", e.split, e.target) for e in examples]
@@ -98,9 +91,9 @@ def test_a_run_checkpoint_resolves_to_its_export(tmp_path, export):
         model_folder(tmp_path)
 
 
-def test_probe_command_writes_rows_for_each_seed_and_metric(export, demo_root, tmp_path):
+def test_probe_command_writes_rows_for_each_seed_and_metric(export, probe_data, tmp_path):
     out = tmp_path / "results.jsonl"
-    cmd = [MUSIC2VEC, "probe", str(export), "--tasks", "demo_instruments", "--data-root", str(demo_root),
+    cmd = [MUSIC2VEC, "probe", str(export), "--tasks", "demo_instruments", "--data-root", str(probe_data),
            "--seeds", "0", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]

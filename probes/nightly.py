@@ -1,0 +1,180 @@
+"""The nightly probe job: every COMPLETE checkpoint of a run gets probed once, and the run's report follows.
+
+    RUN_DIR/probes/results.jsonl   one line per (checkpoint, task, seed, metric), append-only
+    RUN_DIR/probes/report.md       each task's metrics against training step, with the published references
+    RUN_DIR/tb/                    probe/<task>/<metric> scalars at the checkpoint's step, beside the loss curves
+
+Idempotent: what results.jsonl already holds is never probed again, so a second run right after does nothing and
+a run after a crash finishes only what is missing. A lock file keeps two jobs off one run directory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import statistics
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from probes.head import HeadConfig
+from probes.probe import REGISTRY, probe
+from trainer.layout import complete_checkpoints
+
+RESULTS = Path("probes") / "results.jsonl"
+REPORT = Path("probes") / "report.md"
+
+
+class RunBusyError(RuntimeError):
+    """Another nightly job holds this run directory's lock."""
+
+
+def nightly(
+    run_dir: Path,
+    tasks: list[str],
+    *,
+    data_root: Path,
+    seeds: list[int],
+    cache: Path | None = None,
+    head: HeadConfig | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Probe what is missing, write its TensorBoard scalars and results, regenerate the report; the new rows."""
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
+    new_rows: list[dict[str, Any]] = []
+    with _locked(run_dir / "probes" / "nightly.lock"):
+        done = {(row["step"], row["task"], row["seed"]) for row in read_results(run_dir)}
+        for step, folder in complete_checkpoints(run_dir):
+            for task in tasks:
+                missing = [seed for seed in seeds if (step, task, seed) not in done]
+                if not missing or not (folder / "COMPLETE").is_file():  # pruned meanwhile: nothing to probe
+                    continue
+                rows = probe(
+                    folder, [task], data_root=data_root, seeds=missing, cache=cache, head=head, progress=progress
+                )
+                _write_scalars(run_dir, step, rows)
+                _append(run_dir / RESULTS, rows)
+                new_rows += rows
+        write_report(run_dir)
+    return new_rows
+
+
+def read_results(run_dir: Path) -> list[dict[str, Any]]:
+    """Every complete line; a line cut short by a crash is skipped (its task is probed again)."""
+    path = run_dir / RESULTS
+    if not path.is_file():
+        return []
+    rows = [_parse(line) for line in path.read_text().splitlines()]
+    return [row for row in rows if row is not None]
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunBusyError(f"{path}: another nightly probe job is working on this run directory") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _append(path: Path, rows: list[dict[str, Any]]) -> None:
+    """All of one task's rows in one write, fsynced: after a crash they are there entirely or not at all."""
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb") as existing:
+            existing.seek(-1, os.SEEK_END)
+            if existing.read(1) != b"\n":
+                text = "\n" + text  # a line cut short by a crash stays on its own, and is skipped when read
+    with path.open("a") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_scalars(run_dir: Path, step: int, rows: list[dict[str, Any]]) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir / "tb"))
+    for (task, metric), values in _by_metric(rows).items():
+        writer.add_scalar(f"probe/{task}/{metric}", statistics.mean(values), step)
+    writer.close()
+
+
+def _by_metric(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[float]]:
+    grouped: dict[tuple[str, str], list[float]] = {}
+    for row in rows:
+        grouped.setdefault((row["task"], row["metric"]), []).append(row["value"])
+    return grouped
+
+
+def write_report(run_dir: Path) -> Path:
+    """probes/report.md: per task and metric, the mean over seeds at every probed step, and the paper's value."""
+    rows = read_results(run_dir)
+    lines = [f"# Probes of {run_dir.name}", "", "Test scores, mean ± std over seeds, by training step.", ""]
+    tasks = sorted({row["task"] for row in rows})
+    for task in tasks:
+        reference = REGISTRY[task][0].reference if task in REGISTRY else {}
+        lines += [f"## {task}", "", "| step | metric | score | seeds | published Music2Vec |", "|---|---|---|---|---|"]
+        by_step: dict[tuple[int, str], list[float]] = {}
+        for row in rows:
+            if row["task"] == task:
+                by_step.setdefault((row["step"], row["metric"]), []).append(row["value"])
+        for (step, metric), values in sorted(by_step.items()):
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            published = f"{reference[metric]:.1f}" if metric in reference else "-"
+            lines.append(
+                f"| {step} | {metric} | {statistics.mean(values):.4f} ± {spread:.4f} | {len(values)} | {published} |"
+            )
+        lines.append("")
+    path = run_dir / REPORT
+    partial = path.with_suffix(".partial")
+    partial.write_text("\n".join(lines) + "\n")
+    partial.rename(path)
+    if rows:
+        plot_report(rows, path.with_suffix(".png"))
+    return path
+
+
+def plot_report(rows: list[dict[str, Any]], path: Path) -> None:
+    """Each task's primary metric against training step (mean and spread over seeds), the paper's value dashed."""
+    import matplotlib as mpl
+
+    mpl.use("Agg")  # files only: the nightly job has no display
+    import matplotlib.pyplot as plt
+
+    primary = sorted({(row["task"], row["metric"]) for row in rows if row["primary"]})
+    figure, axes = plt.subplots(1, len(primary), figsize=(4.5 * len(primary), 3.5), squeeze=False)
+    for axis, (task, metric) in zip(axes[0], primary, strict=True):
+        by_step: dict[int, list[float]] = {}
+        for row in rows:
+            if (row["task"], row["metric"]) == (task, metric):
+                by_step.setdefault(row["step"], []).append(row["value"])
+        steps = sorted(by_step)
+        means = [statistics.mean(by_step[step]) for step in steps]
+        spreads = [statistics.stdev(by_step[step]) if len(by_step[step]) > 1 else 0.0 for step in steps]
+        axis.errorbar(steps, means, yerr=spreads, marker="o", capsize=3, label="this run")
+        reference = REGISTRY[task][0].reference.get(metric) if task in REGISTRY else None
+        if reference is not None:
+            axis.axhline(reference / 100, linestyle="--", color="gray", label="Music2Vec (paper)")
+        axis.set(title=task, xlabel="training step", ylabel=metric)
+        axis.legend(fontsize="small")
+    figure.tight_layout()
+    partial = path.with_suffix(".partial.png")
+    figure.savefig(partial, dpi=100)
+    plt.close(figure)
+    partial.rename(path)

@@ -1,0 +1,99 @@
+"""`music2vec nightly` on a real run directory: probes each COMPLETE checkpoint once, TensorBoard, report, lock."""
+
+import fcntl
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from probes.nightly import RunBusyError, nightly, read_results
+
+ROOT = Path(__file__).resolve().parents[1]
+MUSIC2VEC = str(Path(sys.executable).parent / "music2vec")
+TASK = "demo_instruments"
+
+
+@pytest.fixture(scope="module")
+def trained(demo_shards, tmp_path_factory) -> Path:
+    """A tiny run with COMPLETE checkpoints at updates 3 and 6."""
+    run_dir = tmp_path_factory.mktemp("nightly") / "run"
+    cmd = [MUSIC2VEC, "train", str(ROOT / "configs" / "tiny.yaml"), f"data.shards={demo_shards}",
+           f"train.run_dir={run_dir}", "optim.max_updates=6", "train.checkpoint_every=3"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return run_dir
+
+
+@pytest.fixture
+def run_dir(trained, tmp_path) -> Path:
+    """A fresh copy per test, so each starts with nothing probed."""
+    return Path(shutil.copytree(trained, tmp_path / "run", symlinks=True))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """Shared by the tests: each checkpoint's features are extracted once."""
+    return tmp_path_factory.mktemp("feature_cache")
+
+
+@pytest.fixture
+def probe_everything(run_dir, probe_data, cache):
+    return lambda: nightly(run_dir, [TASK], data_root=probe_data, seeds=[0, 1], cache=cache, progress=False)
+
+
+def test_probes_every_complete_checkpoint_once(run_dir, probe_everything):
+    unfinished = run_dir / "checkpoints" / "step_000000009"  # a checkpoint still being written: no COMPLETE
+    unfinished.mkdir()
+    shutil.copytree(run_dir / "exports" / "step_000000006", run_dir / "exports" / "step_000000009")
+
+    rows = probe_everything()
+    assert {(row["step"], row["seed"]) for row in rows} == {(3, 0), (3, 1), (6, 0), (6, 1)}
+    assert read_results(run_dir) == rows
+
+    tensorboard = EventAccumulator(str(run_dir / "tb"))
+    tensorboard.Reload()
+    auc = tensorboard.Scalars(f"probe/{TASK}/roc_auc")
+    assert [event.step for event in auc] == [3, 6]
+    mean_at_3 = sum(row["value"] for row in rows if row["step"] == 3 and row["metric"] == "roc_auc") / 2
+    assert auc[0].value == pytest.approx(mean_at_3)
+    assert "train/loss" in tensorboard.Tags()["scalars"]  # beside the training curves, in the same tb/
+
+    report = (run_dir / "probes" / "report.md").read_text()
+    assert f"## {TASK}" in report
+    assert "| 3 | roc_auc |" in report
+    assert "| 6 | roc_auc |" in report
+    assert "| 9 |" not in report
+    assert (run_dir / "probes" / "report.png").read_bytes().startswith(b"\x89PNG")
+
+    assert probe_everything() == []  # a second run right after does nothing
+    assert read_results(run_dir) == rows
+
+
+def test_a_crash_midway_is_completed_without_duplicates(run_dir, probe_everything):
+    rows = probe_everything()
+    results = run_dir / "probes" / "results.jsonl"
+    kept = [json.dumps(row) for row in rows if row["step"] == 3]
+    results.write_text("\n".join(kept) + "\n" + json.dumps(rows[-1])[:25])  # step 6 lost, a line cut short
+
+    again = probe_everything()
+    assert {(row["step"], row["seed"]) for row in again} == {(6, 0), (6, 1)}
+    keys = [(row["step"], row["seed"], row["metric"]) for row in read_results(run_dir)]
+    assert sorted(keys) == sorted({(row["step"], row["seed"], row["metric"]) for row in rows})  # each exactly once
+
+
+def test_two_jobs_never_probe_one_run_at_once(run_dir, probe_everything, probe_data):
+    lock = run_dir / "probes" / "nightly.lock"
+    lock.parent.mkdir()
+    with lock.open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(RunBusyError, match="another nightly probe job"):
+            probe_everything()
+        command = [MUSIC2VEC, "nightly", str(run_dir), "--tasks", TASK, "--data-root", str(probe_data)]
+        result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300)
+    assert result.returncode == 0  # a busy run is skipped, not an error: cron will come back tomorrow
+    assert "skipped" in result.stderr
+    assert read_results(run_dir) == []

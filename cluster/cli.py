@@ -105,14 +105,9 @@ def _last_error_line(report: str) -> str:
 def _probe(args: argparse.Namespace) -> int:
     import json
 
-    from probes.head import HeadConfig
     from probes.probe import probe, summary_table
 
-    cache = Path(args.cache_dir) if args.cache_dir else None
-    head = HeadConfig(lr=args.lr)
-    rows = probe(
-        Path(args.checkpoint), args.tasks, data_root=Path(args.data_root), seeds=args.seeds, cache=cache, head=head
-    )
+    rows = probe(Path(args.checkpoint), args.tasks, _probe_settings(args))
     print(summary_table(rows), end="")
     if args.out:
         with Path(args.out).open("a") as handle:
@@ -121,15 +116,12 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _nightly(args: argparse.Namespace) -> int:
-    from probes.head import HeadConfig
     from probes.nightly import RunBusyError, nightly
 
-    cache = Path(args.cache_dir) if args.cache_dir else None
+    settings = _probe_settings(args)
     for run_dir in map(Path, args.run_dirs):
         try:
-            rows = nightly(
-                run_dir, args.tasks, data_root=Path(args.data_root), seeds=args.seeds, cache=cache, head=HeadConfig()
-            )
+            rows = nightly(run_dir, args.tasks, settings)
         except RunBusyError as busy:
             print(f"skipped: {busy}", file=sys.stderr)
             continue
@@ -138,6 +130,18 @@ def _nightly(args: argparse.Namespace) -> int:
             f"{run_dir}: {len(rows)} new result rows (steps {steps or 'none'}); report {run_dir / 'probes/report.md'}"
         )
     return 0
+
+
+def _probe_settings(args: argparse.Namespace) -> Any:
+    from probes.head import HeadConfig
+    from probes.probe import ProbeSettings
+
+    return ProbeSettings(
+        data_root=Path(args.data_root),
+        seeds=tuple(args.seeds),
+        cache=Path(args.cache_dir) if args.cache_dir else None,
+        head=HeadConfig(lr=getattr(args, "lr", None)),
+    )
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -16,11 +16,11 @@ import os
 import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from probes.head import HeadConfig
-from probes.probe import REGISTRY, probe
+from probes.probe import REGISTRY, ProbeSettings, probe
 from trainer.layout import complete_checkpoints
 
 RESULTS = Path("probes") / "results.jsonl"
@@ -31,16 +31,7 @@ class RunBusyError(RuntimeError):
     """Another nightly job holds this run directory's lock."""
 
 
-def nightly(
-    run_dir: Path,
-    tasks: list[str],
-    *,
-    data_root: Path,
-    seeds: list[int],
-    cache: Path | None = None,
-    head: HeadConfig | None = None,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
+def nightly(run_dir: Path, tasks: list[str], settings: ProbeSettings) -> list[dict[str, Any]]:
     """Probe what is missing, write its TensorBoard scalars and results, regenerate the report; the new rows."""
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
@@ -49,12 +40,10 @@ def nightly(
         done = {(row["step"], row["task"], row["seed"]) for row in read_results(run_dir)}
         for step, folder in complete_checkpoints(run_dir):
             for task in tasks:
-                missing = [seed for seed in seeds if (step, task, seed) not in done]
+                missing = tuple(seed for seed in settings.seeds if (step, task, seed) not in done)
                 if not missing or not (folder / "COMPLETE").is_file():  # pruned meanwhile: nothing to probe
                     continue
-                rows = probe(
-                    folder, [task], data_root=data_root, seeds=missing, cache=cache, head=head, progress=progress
-                )
+                rows = probe(folder, [task], replace(settings, seeds=missing))
                 _write_scalars(run_dir, step, rows)
                 _append(run_dir / RESULTS, rows)
                 new_rows += rows

@@ -6,7 +6,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,28 +31,30 @@ def checkpoint_step(checkpoint: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def probe(
-    checkpoint: Path,
-    tasks: list[str],
-    *,
-    data_root: Path,
-    seeds: list[int],
-    cache: Path | None = None,
-    head: HeadConfig | None = None,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """One row per (task, seed, metric) on the test split, in the order of `tasks` and `seeds`."""
+@dataclass(frozen=True)
+class ProbeSettings:
+    """Where the datasets and cached features are, and how heads are trained: the same for every checkpoint."""
+
+    data_root: Path
+    seeds: tuple[int, ...] = (0,)  # one head per seed; results report mean ± std
+    cache: Path | None = None  # None: ~/.cache/music2vec/features
+    head: HeadConfig = field(default_factory=HeadConfig)
+    progress: bool = True
+
+
+def probe(checkpoint: Path, tasks: list[str], settings: ProbeSettings) -> list[dict[str, Any]]:
+    """One row per (task, seed, metric) on the test split, in the order of `tasks` and `settings.seeds`."""
     unknown = sorted(set(tasks) - set(REGISTRY))
     if unknown:
         raise ValueError(f"unknown probe task(s) {unknown}; known: {task_names()}")
-    head = head or HeadConfig()
+    head = settings.head
     folder = model_folder(checkpoint)
     rows = []
     for name in tasks:
         task, adapter = REGISTRY[name]
-        examples = adapter(task, Path(data_root))
-        features = task_features(folder, name, examples, cache=cache, progress=progress)
-        for seed in seeds:
+        examples = adapter(task, Path(settings.data_root))
+        features = task_features(folder, name, examples, cache=settings.cache, progress=settings.progress)
+        for seed in settings.seeds:
             result = train_probe(task, examples, features, seed=seed, cfg=head)
             for metric, value in result.test.items():
                 rows.append(

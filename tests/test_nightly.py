@@ -11,6 +11,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from probes.nightly import RunBusyError, nightly, read_results
+from probes.probe import ProbeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 MUSIC2VEC = str(Path(sys.executable).parent / "music2vec")
@@ -42,7 +43,8 @@ def cache(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def probe_everything(run_dir, probe_data, cache):
-    return lambda: nightly(run_dir, [TASK], data_root=probe_data, seeds=[0, 1], cache=cache, progress=False)
+    settings = ProbeSettings(data_root=probe_data, seeds=(0, 1), cache=cache, progress=False)
+    return lambda: nightly(run_dir, [TASK], settings)
 
 
 def test_probes_every_complete_checkpoint_once(run_dir, probe_everything):

@@ -184,12 +184,16 @@ def _checkpoint_cell(run_dir: Path) -> str:
 
 
 def _probe_cell(results: Path) -> str:
-    """The newest probed step's scores, one `task/metric=value` each."""
+    """The newest probed step's primary scores, `task/metric=mean over seeds` each."""
     if not results.is_file():
         return "-"
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     if not rows:
         return "-"
     newest = max(row["step"] for row in rows)
-    scores = {f"{row['task']}/{row['metric']}": row["value"] for row in rows if row["step"] == newest}
-    return f"@{newest} " + " ".join(f"{name}={value:.3f}" for name, value in sorted(scores.items()))
+    scores: dict[str, list[float]] = {}
+    for row in rows:
+        if row["step"] == newest and row.get("primary", True):
+            scores.setdefault(f"{row['task']}/{row['metric']}", []).append(row["value"])
+    means = {name: statistics.mean(values) for name, values in scores.items()}  # over seeds
+    return f"@{newest} " + " ".join(f"{name}={value:.3f}" for name, value in sorted(means.items()))

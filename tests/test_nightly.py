@@ -71,6 +71,10 @@ def test_probes_every_complete_checkpoint_once(run_dir, probe_everything):
     assert "| 9 |" not in report
     assert (run_dir / "probes" / "report.png").read_bytes().startswith(b"\x89PNG")
 
+    mean_at_6 = sum(row["value"] for row in rows if row["step"] == 6 and row["metric"] == "roc_auc") / 2
+    status = subprocess.run([MUSIC2VEC, "status", str(run_dir)], capture_output=True, text=True, check=True).stdout
+    assert status.splitlines()[1].endswith(f"@6 {TASK}/roc_auc={mean_at_6:.3f}")  # primary metric, mean of seeds
+
     assert probe_everything() == []  # a second run right after does nothing
     assert read_results(run_dir) == rows
 

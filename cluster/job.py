@@ -64,8 +64,10 @@ class TrainingJob(submitit.helpers.Checkpointable):
 
         stop.uninstall()  # a late signal must not kill a process that is about to requeue or return
         requeue = reduce_scalar(float(requeue_signal in stop.signals)) > 0  # rank 0 requeues if any rank was asked
-        reason = f"requeue ({requeue_signal.name})" if requeue else stop.reason and f"stopped ({stop.reason})"
-        attempt.ended(summary.end_step, reason or "done")
+        if requeue:
+            attempt.ended(summary.end_step, f"requeue ({requeue_signal.name})")
+        else:
+            attempt.ended(summary.end_step, f"stopped ({stop.reason})" if stop.reason else "done")
         if requeue and callable(submitit_requeue):
             dist.destroy_process_group()
             submitit_requeue(requeue_signal, None)  # rank 0: resubmit + requeue, then exit; other ranks return

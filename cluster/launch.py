@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from cluster import attempts
 from cluster.config import ClusterConfig
 from cluster.job import TrainingJob
+from cluster.status import job_state
 from data.audio import SAMPLE_RATE
 from data.loader import check_shard_count, shard_urls
 from trainer.config import ExperimentConfig, check_run_dir
@@ -78,8 +79,6 @@ def check_writable(run_dir: Path) -> None:
 
 def check_not_running(run_dir: Path) -> None:
     """Two jobs writing one run directory would overwrite each other's checkpoints."""
-    from cluster.status import job_state
-
     job = attempts.latest_job(run_dir)
     if job is None:
         return

@@ -140,7 +140,7 @@ def _probe_settings(args: argparse.Namespace) -> Any:
         data_root=Path(args.data_root),
         seeds=tuple(args.seeds),
         cache=Path(args.cache_dir) if args.cache_dir else None,
-        head=HeadConfig(lr=getattr(args, "lr", None)),
+        head=HeadConfig(lr=getattr(args, "lr", None), standardize=args.standardize),
     )
 
 
@@ -249,6 +249,7 @@ def _add_probe(commands: Any) -> None:
     probe.add_argument("--seeds", nargs="+", type=int, default=[0], help="one head per seed (default: 0)")
     probe.add_argument("--lr", type=float, help="the head's learning rate (default: the task's)")
     probe.add_argument("--cache-dir", help="feature cache (default: ~/.cache/music2vec/features)")
+    probe.add_argument("--standardize", action="store_true", help="scale features with the train split (JukeMIR)")
     probe.add_argument("--out", help="append the result rows to this JSON-lines file")
     probe.set_defaults(run=_probe)
 
@@ -262,6 +263,7 @@ def _add_nightly(commands: Any) -> None:
     nightly.add_argument("--data-root", default="data/probes", help="where the datasets live (default: %(default)s)")
     nightly.add_argument("--seeds", nargs="+", type=int, default=[0], help="one head per seed (default: 0)")
     nightly.add_argument("--cache-dir", help="feature cache (default: ~/.cache/music2vec/features)")
+    nightly.add_argument("--standardize", action="store_true", help="scale features with the train split (JukeMIR)")
     nightly.set_defaults(run=_nightly)
 
 

@@ -25,6 +25,7 @@ class HeadConfig:
     batch_size: int = 64
     max_epochs: int = 100
     lr: float | None = None  # None: the task's learning rate
+    standardize: bool = False  # JukeMIR's option: each (layer, dim) scaled with the training split's statistics
 
 
 class LayerWeightedMLP(nn.Module):
@@ -53,8 +54,11 @@ class ProbeResult:
 
 def train_probe(task: Task, examples: list[Example], features: Features, *, seed: int, cfg: HeadConfig) -> ProbeResult:
     torch.manual_seed(seed)
-    inputs = features.values[:, 1:]  # hidden states 1..L; the transformer's input (index 0) is left out
     windows = {split: _windows_of(examples, features, split) for split in ("train", "valid", "test")}
+    if cfg.standardize:
+        train = features.values[windows["train"]]
+        features = Features((features.values - train.mean(dim=0)) / train.std(dim=0).clamp_min(1e-6), features.example)
+    inputs = features.values[:, 1:]  # hidden states 1..L; the transformer's input (index 0) is left out
     head = LayerWeightedMLP(inputs.shape[1], inputs.shape[2], task.outputs, cfg)
     optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr or task.lr)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(

@@ -13,9 +13,10 @@ from data.audio import SAMPLE_RATE
 from model import Data2VecAudio, save_hf
 from model.config import preset
 from probes.datasets import demo
-from probes.features import extract, model_folder, task_features, windows
+from probes.features import Features, extract, model_folder, task_features, windows
+from probes.head import HeadConfig, train_probe
 from probes.metrics import key_weighted_score, score
-from probes.tasks import Task
+from probes.tasks import Example, Task
 
 MUSIC2VEC = str(Path(sys.executable).parent / "music2vec")
 KEY = demo.TASKS["demo_key"]
@@ -94,7 +95,8 @@ def test_a_run_checkpoint_resolves_to_its_export(tmp_path, export):
 def test_probe_command_writes_rows_for_each_seed_and_metric(export, probe_data, tmp_path):
     out = tmp_path / "results.jsonl"
     cmd = [MUSIC2VEC, "probe", str(export), "--tasks", "demo_instruments", "--data-root", str(probe_data),
-           "--seeds", "0", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]  # fmt: skip
+           "--seeds", "0", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+           "--standardize"]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -102,6 +104,7 @@ def test_probe_command_writes_rows_for_each_seed_and_metric(export, probe_data, 
         (seed, metric) for seed in (0, 1) for metric in ("roc_auc", "average_precision")
     }
     assert all(row["step"] == 7 and row["task"] == "demo_instruments" for row in rows)
+    assert all(row["head"]["standardize"] for row in rows)
     assert all(0.0 <= row["value"] <= 1.0 for row in rows)
     assert "demo_instruments     roc_auc" in result.stdout
     assert "(n=2)" in result.stdout
@@ -112,3 +115,20 @@ def test_unknown_task_is_refused(export, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert result.returncode == 2
     assert "unknown probe task(s) ['demo_mood']" in result.stderr
+
+
+def test_standardized_features_expose_a_small_signal_under_large_noise():
+    """JukeMIR's standardisation: the class lives in a dimension a million times smaller than the noise beside it."""
+    generator = torch.Generator().manual_seed(0)
+    count = 192
+    labels = (torch.arange(count) // 4) % 2  # both classes in every split
+    values = torch.randn(count, 3, 4, generator=generator) * 1000
+    values[:, :, 0] = (labels[:, None] * 2 - 1) * 1e-3
+    splits = ["train", "train", "valid", "test"]
+    examples = [Example(Path(f"clip{i}.flac"), splits[i % 4], int(labels[i])) for i in range(count)]
+    task = Task("toy", "multiclass", ("a", "b"), monitor="accuracy", stop_patience=100)
+    features = Features(values, torch.arange(count))
+    plain = train_probe(task, examples, features, seed=0, cfg=HeadConfig())
+    scaled = train_probe(task, examples, features, seed=0, cfg=HeadConfig(standardize=True))
+    assert scaled.test["accuracy"] == 1.0
+    assert plain.test["accuracy"] < 0.8

@@ -8,6 +8,7 @@ directory are all in order: a mistake costs seconds on the login node, not hours
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -169,6 +170,10 @@ def local_parameters(cluster: ClusterConfig) -> dict[str, Any]:
 def submit(plan: LaunchPlan, *, allow_config_change: bool) -> submitit.Job:
     """Queue the job (SLURM) or start it (local processes), and note the submission in the run directory."""
     folder = job_folder(plan)
+    if plan.cluster.executor == "slurm" and shutil.which("sbatch") is None:  # a dry run needs no SLURM; this does
+        raise ValueError(
+            "cluster.executor=slurm, but sbatch is not on PATH: launch from a SLURM login node, or --executor local"
+        )
     if plan.cluster.executor == "slurm":
         executor: submitit.Executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=plan.cluster.max_requeues)
         executor.update_parameters(**slurm_parameters(plan.cluster))

@@ -93,11 +93,14 @@ REFUSALS = {  # case: (overrides, what the error must say); {tmp} is the test's 
     "unknown cluster key": (["cluster.gpu=2"], "Key 'gpu' not in 'ClusterConfig'"),
     "bad time": (["cluster.time=soon"], "cluster.time='soon' is not a SLURM time"),
     "local on 2 nodes": (["cluster.nodes=2", "cluster.executor=local"], "runs on one node"),
+    "no SLURM here": (["cluster.executor=slurm"], "sbatch is not on PATH"),  # run with PATH=/nonexistent
 }
 
 
 @pytest.mark.parametrize("case", list(REFUSALS))
-def test_bad_launches_are_refused_before_anything_is_submitted(case, tmp_path, demo_shards, capsys):
+def test_bad_launches_are_refused_before_anything_is_submitted(case, tmp_path, demo_shards, capsys, monkeypatch):
+    if case == "no SLURM here":
+        monkeypatch.setenv("PATH", "/nonexistent")  # a machine without SLURM's commands
     (tmp_path / "file").write_text("")
     template = json.loads((ROOT / "ds_configs" / "zero2.json").read_text()) | {"train_batch_size": 8}
     (tmp_path / "hand_made.json").write_text(json.dumps(template))

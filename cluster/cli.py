@@ -198,15 +198,19 @@ def _add_shard(commands: Any) -> None:
     shard.set_defaults(run=_shard)
 
 
+def _add_experiment_arguments(parser: argparse.ArgumentParser, config_help: str, *, example: str) -> None:
+    parser.add_argument("config", help=config_help)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"config overrides, e.g. {example}")
+    parser.add_argument(
+        "--allow-config-change", action="store_true", help="continue a run directory whose config was different"
+    )
+
+
 def _add_train(commands: Any) -> None:
     train = commands.add_parser(
         "train", help="train on this machine: one process, or every rank under torchrun / the deepspeed launcher"
     )
-    train.add_argument("config", help="experiment YAML (configs/...)")
-    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=3e-4")
-    train.add_argument(
-        "--allow-config-change", action="store_true", help="continue a run directory whose config was different"
-    )
+    _add_experiment_arguments(train, "experiment YAML (configs/...)", example="optim.lr=3e-4")
     train.set_defaults(run=_train)
 
 
@@ -214,8 +218,8 @@ def _add_launch(commands: Any) -> None:
     launch = commands.add_parser(
         "launch", help="submit training as a job: SLURM through submitit (requeues itself), or local processes"
     )
-    launch.add_argument("config", help="experiment YAML; its cluster: section holds the defaults of the flags below")
-    launch.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. cluster.nodes=2")
+    config_help = "experiment YAML; its cluster: section holds the defaults of the flags below"
+    _add_experiment_arguments(launch, config_help, example="cluster.nodes=2")
     launch.add_argument("--executor", choices=("slurm", "local"), help="where the job runs (default: slurm)")
     launch.add_argument("--nodes", type=int, help="nodes (default: 1)")
     launch.add_argument("--gpus-per-node", type=int, help="GPUs per node, one task each (default: 8)")
@@ -232,10 +236,16 @@ def _add_launch(commands: Any) -> None:
         "--dry-run", action="store_true", help="check and print the resolved config and job; submit nothing"
     )
     launch.add_argument("--wait", action="store_true", help="wait for a SLURM job to finish (local jobs always do)")
-    launch.add_argument(
-        "--allow-config-change", action="store_true", help="continue a run directory whose config was different"
-    )
     launch.set_defaults(run=_launch)
+
+
+def _add_probe_settings(parser: argparse.ArgumentParser) -> None:
+    """What `probe` and `nightly` share: tasks, datasets, seeds, the feature cache, feature scaling."""
+    parser.add_argument("--tasks", nargs="+", required=True, metavar="TASK", help="e.g. demo_key demo_tempo")
+    parser.add_argument("--data-root", default="data/probes", help="where the datasets live (default: %(default)s)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="one head per seed (default: 0)")
+    parser.add_argument("--cache-dir", help="feature cache (default: ~/.cache/music2vec/features)")
+    parser.add_argument("--standardize", action="store_true", help="scale features with the train split (JukeMIR)")
 
 
 def _add_probe(commands: Any) -> None:
@@ -244,12 +254,8 @@ def _add_probe(commands: Any) -> None:
         "checkpoint",
         help="an export folder, a run's checkpoints/step_N, or any Hugging Face Data2VecAudioModel folder",
     )
-    probe.add_argument("--tasks", nargs="+", required=True, metavar="TASK", help="e.g. demo_key demo_tempo")
-    probe.add_argument("--data-root", default="data/probes", help="where the datasets live (default: %(default)s)")
-    probe.add_argument("--seeds", nargs="+", type=int, default=[0], help="one head per seed (default: 0)")
+    _add_probe_settings(probe)
     probe.add_argument("--lr", type=float, help="the head's learning rate (default: the task's)")
-    probe.add_argument("--cache-dir", help="feature cache (default: ~/.cache/music2vec/features)")
-    probe.add_argument("--standardize", action="store_true", help="scale features with the train split (JukeMIR)")
     probe.add_argument("--out", help="append the result rows to this JSON-lines file")
     probe.set_defaults(run=_probe)
 
@@ -259,11 +265,7 @@ def _add_nightly(commands: Any) -> None:
         "nightly", help="probe every COMPLETE checkpoint not probed yet; results, TensorBoard scalars, report"
     )
     nightly.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (train.run_dir)")
-    nightly.add_argument("--tasks", nargs="+", required=True, metavar="TASK", help="e.g. demo_key demo_tempo")
-    nightly.add_argument("--data-root", default="data/probes", help="where the datasets live (default: %(default)s)")
-    nightly.add_argument("--seeds", nargs="+", type=int, default=[0], help="one head per seed (default: 0)")
-    nightly.add_argument("--cache-dir", help="feature cache (default: ~/.cache/music2vec/features)")
-    nightly.add_argument("--standardize", action="store_true", help="scale features with the train split (JukeMIR)")
+    _add_probe_settings(nightly)
     nightly.set_defaults(run=_nightly)
 
 

@@ -36,17 +36,21 @@ def nightly(run_dir: Path, tasks: list[str], settings: ProbeSettings) -> list[di
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
     new_rows: list[dict[str, Any]] = []
+    scalars = _ProbeScalars(run_dir)
     with _locked(run_dir / "probes" / "nightly.lock"):
         done = {(row["step"], row["task"], row["seed"]) for row in read_results(run_dir)}
-        for step, folder in complete_checkpoints(run_dir):
-            for task in tasks:
-                missing = tuple(seed for seed in settings.seeds if (step, task, seed) not in done)
-                if not missing or not (folder / "COMPLETE").is_file():  # pruned meanwhile: nothing to probe
-                    continue
-                rows = probe(folder, [task], replace(settings, seeds=missing))
-                _write_scalars(run_dir, step, rows)
-                _append(run_dir / RESULTS, rows)
-                new_rows += rows
+        try:
+            for step, folder in complete_checkpoints(run_dir):
+                for task in tasks:
+                    missing = tuple(seed for seed in settings.seeds if (step, task, seed) not in done)
+                    if not missing or not (folder / "COMPLETE").is_file():  # pruned meanwhile: nothing to probe
+                        continue
+                    rows = probe(folder, [task], replace(settings, seeds=missing))
+                    scalars.write(step, rows)
+                    _append(run_dir / RESULTS, rows)
+                    new_rows += rows
+        finally:
+            scalars.close()
         write_report(run_dir)
     return new_rows
 
@@ -95,13 +99,25 @@ def _append(path: Path, rows: list[dict[str, Any]]) -> None:
         os.fsync(handle.fileno())
 
 
-def _write_scalars(run_dir: Path, step: int, rows: list[dict[str, Any]]) -> None:
-    from torch.utils.tensorboard import SummaryWriter
+class _ProbeScalars:
+    """One TensorBoard event file per nightly run, opened only once something was probed, flushed per task."""
 
-    writer = SummaryWriter(str(run_dir / "tb"))
-    for (task, metric), values in _by_metric(rows).items():
-        writer.add_scalar(f"probe/{task}/{metric}", statistics.mean(values), step)
-    writer.close()
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.writer: Any = None
+
+    def write(self, step: int, rows: list[dict[str, Any]]) -> None:
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        for (task, metric), values in _by_metric(rows).items():
+            self.writer.add_scalar(f"probe/{task}/{metric}", statistics.mean(values), step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def _by_metric(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[float]]:

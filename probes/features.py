@@ -2,8 +2,8 @@
 
 As MARBLE extracts them (spec §8.2) and as pretraining saw audio (spec §9, items 8 and 9): a file is decoded to 16
 kHz mono, normalised over the whole file, cut into 30 s non-overlapping windows (a last window under 1 s is
-dropped), and each window goes through the encoder alone, so nothing is padded. Features are cached per
-(checkpoint weights, task): trying another head never extracts twice.
+dropped; a task can ask for whole windows only), and each window goes through the encoder alone, so nothing is
+padded. Features are cached per (checkpoint weights, task): trying another head never extracts twice.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tqdm import tqdm
 from data.audio import SAMPLE_RATE, clip_stats, decode_file
 from model import Data2VecAudio, load_hf
 from model.hf import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
-from probes.tasks import Example
+from probes.tasks import Example, Task
 
 WINDOW_SECONDS = 30.0
 MIN_WINDOW_SECONDS = 1.0
@@ -65,39 +65,48 @@ def default_cache() -> Path:
 
 
 def task_features(
-    checkpoint: Path, task_name: str, examples: list[Example], *, cache: Path | None = None, progress: bool = True
+    checkpoint: Path, task: Task, examples: list[Example], *, cache: Path | None = None, progress: bool = True
 ) -> Features:
     """The features of every example, from the cache or extracted now (on the GPU when there is one)."""
     folder = model_folder(checkpoint)
-    path = (cache or default_cache()) / weights_digest(folder) / f"{task_name}.safetensors"
+    path = (cache or default_cache()) / weights_digest(folder) / f"{task.name}.safetensors"
     files = [str(example.path) for example in examples]
-    # this task's entry, or another task's over the same files (the demo tasks share their audio)
+    identity = _identity(files, task.min_window_seconds)
+    # this task's entry, or another task's over the same files and windows (the demo tasks share their audio)
     for stored_path in [path, *sorted(path.parent.glob("*.safetensors"))]:
         if stored_path.is_file():
             stored = load_file(stored_path)
-            if _files_digest(files) == _files_digest_of(stored):
+            if identity == _identity_of(stored):
                 return Features(stored["values"], stored["example"])
-    features = extract(load_hf(folder), files, progress=progress, desc=f"features {task_name}")
+    encoder = load_hf(folder)
+    features = extract(encoder, files, min_window_seconds=task.min_window_seconds, progress=progress, desc=task.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
-    tensors = {"values": features.values, "example": features.example, "files": _files_tensor(files)}
+    tensors = {"values": features.values, "example": features.example, "files": _identity_tensor(identity)}
     save_file(tensors, partial)
     partial.rename(path)  # a killed extraction leaves no cache entry that looks complete
     return features
 
 
 @torch.inference_mode()
-def extract(encoder: Data2VecAudio, files: list[str], *, progress: bool = True, desc: str = "features") -> Features:
+def extract(
+    encoder: Data2VecAudio,
+    files: list[str],
+    *,
+    min_window_seconds: float = MIN_WINDOW_SECONDS,
+    progress: bool = True,
+    desc: str = "features",
+) -> Features:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     encoder = encoder.to(device).eval()
     values, owners = [], []
     for index, file in enumerate(tqdm(files, desc=desc, unit="file", disable=not progress)):
-        for window in windows(normalized(decode_file(file).audio)):
+        for window in windows(normalized(decode_file(file).audio), min_window_seconds):
             hidden = encoder(torch.from_numpy(window)[None].to(device), None).hidden_states
             values.append(torch.stack([state[0].mean(dim=0) for state in hidden]).float().cpu())
             owners.append(index)
     if not values:
-        raise ValueError(f"no file had {MIN_WINDOW_SECONDS} s of audio to extract features from")
+        raise ValueError(f"no file had {min_window_seconds} s of audio to extract features from")
     return Features(torch.stack(values), torch.tensor(owners, dtype=torch.int64))
 
 
@@ -107,18 +116,19 @@ def normalized(audio: np.ndarray) -> np.ndarray:
     return ((audio - mean) * scale).astype(np.float32)
 
 
-def windows(audio: np.ndarray) -> list[np.ndarray]:
-    size, minimum = round(WINDOW_SECONDS * SAMPLE_RATE), round(MIN_WINDOW_SECONDS * SAMPLE_RATE)
+def windows(audio: np.ndarray, min_window_seconds: float = MIN_WINDOW_SECONDS) -> list[np.ndarray]:
+    size, minimum = round(WINDOW_SECONDS * SAMPLE_RATE), round(min_window_seconds * SAMPLE_RATE)
     return [audio[start : start + size] for start in range(0, len(audio), size) if len(audio) - start >= minimum]
 
 
-def _files_digest(files: list[str]) -> str:
-    return hashlib.sha256("\n".join(files).encode()).hexdigest()
+def _identity(files: list[str], min_window_seconds: float) -> str:
+    """What makes two extractions the same: the files, in order, and which windows were kept."""
+    return hashlib.sha256("\n".join([*files, f"min_window_seconds={min_window_seconds}"]).encode()).hexdigest()
 
 
-def _files_tensor(files: list[str]) -> torch.Tensor:
-    return torch.frombuffer(bytearray(_files_digest(files).encode()), dtype=torch.uint8).clone()
+def _identity_tensor(identity: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(identity.encode()), dtype=torch.uint8).clone()
 
 
-def _files_digest_of(stored: dict[str, torch.Tensor]) -> str:
+def _identity_of(stored: dict[str, torch.Tensor]) -> str:
     return bytes(stored["files"].tolist()).decode() if "files" in stored else ""

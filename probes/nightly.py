@@ -128,22 +128,28 @@ def _by_metric(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[float]]
 
 
 def write_report(run_dir: Path) -> Path:
-    """probes/report.md: per task and metric, the mean over seeds at every probed step, and the paper's value."""
+    """probes/report.md: per task and metric, the mean over seeds at every probed step, and the published values."""
     rows = read_results(run_dir)
     lines = [f"# Probes of {run_dir.name}", "", "Test scores, mean ± std over seeds, by training step.", ""]
     tasks = sorted({row["task"] for row in rows})
     for task in tasks:
-        reference = REGISTRY[task][0].reference if task in REGISTRY else {}
-        lines += [f"## {task}", "", "| step | metric | score | seeds | published Music2Vec |", "|---|---|---|---|---|"]
+        models = list(REGISTRY[task][0].references) if task in REGISTRY else []
+        lines += [
+            f"## {task}",
+            "",
+            "| step | metric | score | seeds |" + "".join(f" {model} (published) |" for model in models),
+            "|---|---|---|---|" + "---|" * len(models),
+        ]
         by_step: dict[tuple[int, str], list[float]] = {}
         for row in rows:
             if row["task"] == task:
                 by_step.setdefault((row["step"], row["metric"]), []).append(row["value"])
         for (step, metric), values in sorted(by_step.items()):
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            published = f"{reference[metric]:.1f}" if metric in reference else "-"
+            known = _published(task, metric)
+            published = "".join(f" {known[model]:.3f} |" if model in known else " - |" for model in models)
             lines.append(
-                f"| {step} | {metric} | {statistics.mean(values):.4f} ± {spread:.4f} | {len(values)} | {published} |"
+                f"| {step} | {metric} | {statistics.mean(values):.4f} ± {spread:.4f} | {len(values)} |{published}"
             )
         lines.append("")
     path = run_dir / REPORT
@@ -155,16 +161,25 @@ def write_report(run_dir: Path) -> Path:
     return path
 
 
+def _published(task: str, metric: str) -> dict[str, float]:
+    """model -> published test score of a task's metric (none for the demo tasks)."""
+    references = REGISTRY[task][0].references if task in REGISTRY else {}
+    return {model: scores[metric] for model, scores in references.items() if metric in scores}
+
+
 def plot_report(rows: list[dict[str, Any]], path: Path) -> None:
-    """Each task's primary metric against training step (mean and spread over seeds), the paper's value dashed."""
+    """Each task's primary metric, and every metric with a published value, against training step (mean and
+    spread over seeds); the published values are dashed lines."""
     import matplotlib as mpl
 
     mpl.use("Agg")  # files only: the nightly job has no display
     import matplotlib.pyplot as plt
 
-    primary = sorted({(row["task"], row["metric"]) for row in rows if row["primary"]})
-    figure, axes = plt.subplots(1, len(primary), figsize=(4.5 * len(primary), 3.5), squeeze=False)
-    for axis, (task, metric) in zip(axes[0], primary, strict=True):
+    panels = sorted(
+        {(row["task"], row["metric"]) for row in rows if row["primary"] or _published(row["task"], row["metric"])}
+    )
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+    for axis, (task, metric) in zip(axes[0], panels, strict=True):
         by_step: dict[int, list[float]] = {}
         for row in rows:
             if (row["task"], row["metric"]) == (task, metric):
@@ -173,9 +188,8 @@ def plot_report(rows: list[dict[str, Any]], path: Path) -> None:
         means = [statistics.mean(by_step[step]) for step in steps]
         spreads = [statistics.stdev(by_step[step]) if len(by_step[step]) > 1 else 0.0 for step in steps]
         axis.errorbar(steps, means, yerr=spreads, marker="o", capsize=3, label="this run")
-        reference = REGISTRY[task][0].reference.get(metric) if task in REGISTRY else None
-        if reference is not None:
-            axis.axhline(reference / 100, linestyle="--", color="gray", label="Music2Vec (paper)")
+        for (model, value), color in zip(_published(task, metric).items(), ("gray", "black"), strict=False):
+            axis.axhline(value, linestyle="--", color=color, label=f"{model} (published)")
         axis.set(title=task, xlabel="training step", ylabel=metric)
         axis.legend(fontsize="small")
     figure.tight_layout()

@@ -10,14 +10,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from probes.datasets import demo
+from probes.datasets import demo, emomusic, giantsteps, gtzan, magnatagatune
 from probes.features import model_folder, task_features
 from probes.head import HeadConfig, train_probe
 from probes.tasks import Example, Task
 
 # task name -> (task, the adapter that lists its examples under a data root)
 REGISTRY: dict[str, tuple[Task, Callable[[Task, Path], list[Example]]]] = {
-    name: (task, demo.examples) for name, task in demo.TASKS.items()
+    name: (task, dataset.examples)
+    for dataset in (demo, magnatagatune, gtzan, giantsteps, emomusic)
+    for name, task in dataset.TASKS.items()
 }
 
 
@@ -53,7 +55,7 @@ def probe(checkpoint: Path, tasks: list[str], settings: ProbeSettings) -> list[d
     for name in tasks:
         task, adapter = REGISTRY[name]
         examples = adapter(task, Path(settings.data_root))
-        features = task_features(folder, name, examples, cache=settings.cache, progress=settings.progress)
+        features = task_features(folder, task, examples, cache=settings.cache, progress=settings.progress)
         for seed in settings.seeds:
             result = train_probe(task, examples, features, seed=seed, cfg=head)
             for metric, value in result.test.items():

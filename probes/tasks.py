@@ -35,7 +35,10 @@ class Task:
     lr: float = 1e-3
     plateau_patience: int = 5
     stop_patience: int = 20
-    reference: dict[str, float] = field(default_factory=dict)  # published Music2Vec values (crop 5 s), in %
+    # published test scores, as fractions: model -> metric -> value (Music2Vec crop 5 s, and Jukebox, by JukeMIR)
+    references: dict[str, dict[str, float]] = field(default_factory=dict)
+    # a file's last window shorter than this is dropped (MARBLE: 1 s; JukeMIR's 30 s clips keep whole ones only)
+    min_window_seconds: float = 1.0
 
     @property
     def outputs(self) -> int:

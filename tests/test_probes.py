@@ -65,12 +65,13 @@ def export(tmp_path_factory) -> Path:
 
 def test_features_are_cached_per_checkpoint_and_task(export, probe_data, tmp_path):
     examples = demo.examples(KEY, probe_data)[:6]
-    first = task_features(export, "demo_key", examples, cache=tmp_path, progress=False)
+    first = task_features(export, KEY, examples, cache=tmp_path, progress=False)
     assert first.values.shape == (6, 5, 64)  # one 15 s window per clip; the tiny model's 4 layers + its input
     moved = [type(e)(tmp_path / "gone.flac", e.split, e.target) for e in examples]
     with pytest.raises(RuntimeError, match=r"gone\.flac"):  # other files: extracted, not taken from the cache
-        task_features(export, "demo_key", moved, cache=tmp_path, progress=False)
-    again = task_features(export, "demo_tempo", examples, cache=tmp_path, progress=False)  # same audio: reused
+        task_features(export, KEY, moved, cache=tmp_path, progress=False)
+    tempo = demo.TASKS["demo_tempo"]
+    again = task_features(export, tempo, examples, cache=tmp_path, progress=False)  # same audio: reused
     assert torch.equal(again.values, first.values)
     direct = extract(model_folder_encoder(export), [str(examples[0].path)], progress=False)
     torch.testing.assert_close(direct.values[0], first.values[0])

@@ -6,14 +6,15 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 
 def _demo(args: argparse.Namespace) -> int:
     from cluster.demo import run_demo
 
-    run_demo(Path(args.out), clips=args.clips, steps=args.steps)
+    run_demo(Path(args.out), clips=args.clips, steps=args.steps, probes=not args.no_probes)
     return 0
 
 
@@ -116,19 +117,53 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _nightly(args: argparse.Namespace) -> int:
-    from probes.nightly import RunBusyError, nightly
+    from probes.nightly import nightly_runs
+
+    if args.executor:
+        return _submit_nightly(args)
+    if args.every:
+        raise ValueError("--every needs --executor slurm (SLURM's --begin); without SLURM, run nightly from cron")
+    run_dirs = [Path(run_dir) for run_dir in args.run_dirs]
+    for run_dir, new_rows in nightly_runs(run_dirs, args.tasks, _probe_settings(args)).items():
+        if new_rows is not None:  # a busy run is said on stderr
+            print(f"{run_dir}: {new_rows} new result rows; report {run_dir / 'probes' / 'report.md'}")
+    return 0
+
+
+def _submit_nightly(args: argparse.Namespace) -> int:
+    from cluster.config import ClusterConfig
+    from cluster.nightly import NightlySchedule, check_schedule, interval_seconds, submit
 
     settings = _probe_settings(args)
-    for run_dir in map(Path, args.run_dirs):
-        try:
-            rows = nightly(run_dir, args.tasks, settings)
-        except RunBusyError as busy:
-            print(f"skipped: {busy}", file=sys.stderr)
-            continue
-        steps = sorted({row["step"] for row in rows})
-        print(
-            f"{run_dir}: {len(rows)} new result rows (steps {steps or 'none'}); report {run_dir / 'probes/report.md'}"
-        )
+    cluster = ClusterConfig(
+        executor=args.executor,
+        gpus_per_node=args.gpus,
+        tasks_per_node=1,
+        cpus_per_task=args.cpus_per_task,
+        time=args.time or "6:00:00",
+        **{name: getattr(args, name) or "" for name in ("partition", "account", "qos", "constraint", "mem")},
+        job_name="music2vec-nightly",
+    )
+    schedule = NightlySchedule(
+        run_dirs=tuple(Path(run_dir).resolve() for run_dir in args.run_dirs),
+        tasks=tuple(args.tasks),
+        settings=replace(
+            settings,
+            data_root=settings.data_root.resolve(),
+            cache=settings.cache.resolve() if settings.cache else None,
+            progress=False,
+        ),
+        cluster=cluster,
+        every_s=interval_seconds(args.every) if args.every else None,
+    )
+    check_schedule(schedule)
+    job = submit(schedule)
+    every = f", then every {args.every}" if args.every else ""
+    print(f"submitted {args.executor} nightly probe job {job.job_id}{every}; logs in {job.paths.folder}", flush=True)
+    if args.executor == "local" or args.wait:
+        result = job.result()
+        following = f"; the next one is job {result['next_job']}" if result["next_job"] else ""
+        print(f"job {job.job_id} done: new result rows {result['new_rows']}{following}")
     return 0
 
 
@@ -136,12 +171,26 @@ def _probe_settings(args: argparse.Namespace) -> Any:
     from probes.head import HeadConfig
     from probes.probe import ProbeSettings
 
+    head = HeadConfig(lr=getattr(args, "lr", None), standardize=args.standardize)
     return ProbeSettings(
         data_root=Path(args.data_root),
         seeds=tuple(args.seeds),
         cache=Path(args.cache_dir) if args.cache_dir else None,
-        head=HeadConfig(lr=getattr(args, "lr", None), standardize=args.standardize),
+        head=replace(head, hidden=0) if getattr(args, "linear", False) else head,
+        search=getattr(args, "search", None),
+        layers=_layers(getattr(args, "layers", None)),
+        progress=sys.stderr.isatty(),  # a bar on a terminal; nothing in a job's log
     )
+
+
+def _layers(given: list[str] | None) -> tuple[int, ...] | Literal["all"] | None:
+    if given is None:
+        return None
+    if given == ["all"]:
+        return "all"
+    if not all(layer.isdigit() for layer in given):
+        raise ValueError(f"--layers {' '.join(given)}: expected hidden-state indices (0, 1, ...) or 'all'")
+    return tuple(int(layer) for layer in given)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -171,13 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_demo(commands: Any) -> None:
     demo = commands.add_parser(
-        "demo", help="the embedded default job: procedural music -> shards -> the tiny model trained on CPU"
+        "demo", help="the embedded default job: procedural music -> shards -> the tiny model trained on CPU -> probes"
     )
     demo.add_argument(
         "--out", default="runs/demo", help="folder for the corpus, shards and run (default: %(default)s)"
     )
     demo.add_argument("--clips", type=int, default=48, help="30 s pieces of demo music (default: %(default)s)")
-    demo.add_argument("--steps", type=int, default=300, help="optimizer updates (default: %(default)s)")
+    demo.add_argument("--steps", type=int, default=600, help="optimizer updates (default: %(default)s)")
+    demo.add_argument("--no-probes", action="store_true", help="stop after training: no demo-task probes")
     demo.set_defaults(run=_demo)
 
 
@@ -225,18 +275,24 @@ def _add_launch(commands: Any) -> None:
     launch.add_argument("--gpus-per-node", type=int, help="GPUs per node, one task each (default: 8)")
     launch.add_argument("--tasks-per-node", type=int, help="tasks per node of a CPU-only job (--gpus-per-node 0)")
     launch.add_argument("--cpus-per-task", type=int, help="CPUs per task; they size data.workers=-1 (default: 10)")
-    launch.add_argument("--partition", help="SLURM partition")
-    launch.add_argument("--time", help="time limit of one attempt, e.g. 3-00:00:00; longer runs requeue themselves")
-    launch.add_argument("--account", help="SLURM account")
-    launch.add_argument("--qos", help="SLURM quality of service")
-    launch.add_argument("--constraint", help="SLURM node features, e.g. a100")
-    launch.add_argument("--mem", help="memory per node, e.g. 480G")
+    time_help = "time limit of one attempt, e.g. 3-00:00:00; longer runs requeue themselves"
+    _add_slurm_resources(launch, time_help=time_help)
     launch.add_argument("--max-requeues", type=int, help="requeues after a time limit before giving up (default: 20)")
     launch.add_argument(
         "--dry-run", action="store_true", help="check and print the resolved config and job; submit nothing"
     )
     launch.add_argument("--wait", action="store_true", help="wait for a SLURM job to finish (local jobs always do)")
     launch.set_defaults(run=_launch)
+
+
+def _add_slurm_resources(parser: argparse.ArgumentParser, *, time_help: str) -> None:
+    """What `launch` and `nightly` ask SLURM for beyond tasks and GPUs."""
+    parser.add_argument("--partition", help="SLURM partition")
+    parser.add_argument("--time", help=time_help)
+    parser.add_argument("--account", help="SLURM account")
+    parser.add_argument("--qos", help="SLURM quality of service")
+    parser.add_argument("--constraint", help="SLURM node features, e.g. a100")
+    parser.add_argument("--mem", help="memory per node, e.g. 480G")
 
 
 def _add_probe_settings(parser: argparse.ArgumentParser) -> None:
@@ -256,6 +312,20 @@ def _add_probe(commands: Any) -> None:
     )
     _add_probe_settings(probe)
     probe.add_argument("--lr", type=float, help="the head's learning rate (default: the task's)")
+    probe.add_argument("--linear", action="store_true", help="a linear head instead of the 512-unit MLP")
+    probe.add_argument(
+        "--layers",
+        nargs="+",
+        metavar="N",
+        help="a probe per hidden state, 0 being the transformer's input: indices, or 'all' for a layer-wise curve"
+        " (default: learned weights over 1..L)",
+    )
+    probe.add_argument(
+        "--search",
+        choices=("lr", "jukemir"),
+        help="train several heads and report the best on validation: MARBLE's learning rates 1e-2 ... 1e-4, or"
+        " JukeMIR's 216-head grid",
+    )
     probe.add_argument("--out", help="append the result rows to this JSON-lines file")
     probe.set_defaults(run=_probe)
 
@@ -266,6 +336,14 @@ def _add_nightly(commands: Any) -> None:
     )
     nightly.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (train.run_dir)")
     _add_probe_settings(nightly)
+    nightly.add_argument(
+        "--executor", choices=("slurm", "local"), help="run as a job: SLURM through submitit, or a local process"
+    )
+    nightly.add_argument("--every", help="with --executor slurm: resubmit every interval, e.g. 24h (SLURM --begin)")
+    nightly.add_argument("--gpus", type=int, default=1, help="GPUs of the job (default: %(default)s)")
+    nightly.add_argument("--cpus-per-task", type=int, default=8, help="CPUs of the job (default: %(default)s)")
+    _add_slurm_resources(nightly, time_help="time limit of one night's job (default: 6:00:00)")
+    nightly.add_argument("--wait", action="store_true", help="wait for a SLURM job to finish (local jobs always do)")
     nightly.set_defaults(run=_nightly)
 
 

@@ -1,4 +1,5 @@
-"""`music2vec demo`, the embedded default job: procedural music -> shards -> the tiny model trained with DeepSpeed.
+"""`music2vec demo`, the embedded default job: procedural music -> shards -> the tiny model trained with DeepSpeed
+-> the nightly probe job on the demo tasks, beside the same model at its random initialization.
 
 Everything lands under one folder (runs/demo by default); running the demo again reuses what is there, so a second
 run only prints the summary.
@@ -6,12 +7,22 @@ run only prints the summary.
 
 from __future__ import annotations
 
+import json
+import statistics
+import sys
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from cluster.environment import from_environment, init_distributed
 from data import ShardParams, write_shards
 from data.demo import write_demo_corpus
-from trainer.config import load_config
+from model import Music2Vec, save_hf
+from probes.datasets import demo as demo_tasks
+from probes.nightly import nightly, read_results
+from probes.probe import ProbeSettings, probe
+from trainer.config import ExperimentConfig, load_config
 from trainer.metrics import read_metrics
 from trainer.train import TrainSummary, train
 
@@ -27,14 +38,56 @@ def prepare_shards(out: Path, clips: int) -> Path:
     return manifest
 
 
-def run_demo(out: Path, *, clips: int, steps: int) -> TrainSummary:
+PROBE_SEEDS = (0, 1, 2)
+
+
+def run_demo(out: Path, *, clips: int, steps: int, probes: bool = True) -> TrainSummary:
     manifest = prepare_shards(out, clips)
     overrides = [f"data.shards={manifest}", f"train.run_dir={out / 'run'}", f"optim.max_updates={steps}"]
     cfg = load_config(TINY, overrides)
     init_distributed(from_environment())
     summary = train(cfg)
     report(summary)
+    if probes:
+        report_probes(summary.run_dir, probe_demo(cfg, out))
     return summary
+
+
+def probe_demo(cfg: ExperimentConfig, out: Path) -> list[dict[str, Any]]:
+    """The nightly job on the run (every COMPLETE checkpoint, once), and the same probes of the model as it was
+    before its first update: what pretraining added is the difference."""
+    settings = ProbeSettings(
+        data_root=out / "probe_data", seeds=PROBE_SEEDS, cache=out / "feature_cache", progress=sys.stderr.isatty()
+    )
+    print(f"\nprobing every checkpoint on {', '.join(demo_tasks.TASKS)} ...")
+    nightly(Path(cfg.train.run_dir), list(demo_tasks.TASKS), settings)
+    baseline = out / "random_init" / "probes.jsonl"
+    if not baseline.is_file():
+        torch.manual_seed(cfg.train.seed)  # as the trainer seeds it: the model at update 0
+        export = save_hf(Music2Vec(cfg.model).encoder, out / "random_init" / "step_000000000")
+        rows = probe(export, list(demo_tasks.TASKS), settings)
+        baseline.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return [json.loads(line) for line in baseline.read_text().splitlines()]
+
+
+def report_probes(run_dir: Path, random_init: list[dict[str, Any]]) -> None:
+    trained = read_results(run_dir)
+    last = max(row["step"] for row in trained)
+    print(f"\nprobes on the demo tasks' test clips, mean ± std over {len(PROBE_SEEDS)} seeds")
+    print(f"  {'task':<18} {'metric':<16} {f'update {last}':>16} {'random init':>16}")
+    for task in demo_tasks.TASKS:
+        metric = demo_tasks.TASKS[task].monitor
+        ours = primary_scores(trained, task, metric, step=last)
+        theirs = primary_scores(random_init, task, metric, step=0)
+        print(f"  {task:<18} {metric:<16} {ours:>16} {theirs:>16}")
+    print(f"  results     {run_dir / 'probes' / 'results.jsonl'}")
+    print(f"  report      {run_dir / 'probes' / 'report.md'} and report.png; probe/<task>/<metric> in TensorBoard")
+
+
+def primary_scores(rows: list[dict[str, Any]], task: str, metric: str, *, step: int) -> str:
+    values = [row["value"] for row in rows if (row["task"], row["metric"], row["step"]) == (task, metric, step)]
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
 
 
 def report(summary: TrainSummary) -> None:
@@ -49,4 +102,3 @@ def report(summary: TrainSummary) -> None:
     print(f"  exports     {summary.run_dir / 'exports'}  (Hugging Face Data2VecAudioModel folders)")
     print(f"  metrics     {summary.run_dir / 'metrics.jsonl'}")
     print(f"  TensorBoard: tensorboard --logdir {summary.run_dir / 'tb'}")
-    print("  (probing the checkpoints on the demo tasks joins this summary when the probes land)")

@@ -87,9 +87,18 @@ def expand_inputs(sources: Iterable[str]) -> list[str]:
     return sorted(str(Path(p).resolve()) for p in found)
 
 
-def clip_key(path: str, clip: int) -> str:
-    """Stable across runs and machines for the same path; no dots (webdataset splits keys from extensions there)."""
-    return f"{hashlib.sha1(path.encode()).hexdigest()[:16]}_{clip:05d}"  # noqa: S324 - a name, not security
+def clip_key(name: str, clip: int) -> str:
+    """Stable across runs and machines for the same input name; no dots (webdataset splits keys from extensions)."""
+    return f"{hashlib.sha1(name.encode()).hexdigest()[:16]}_{clip:05d}"  # noqa: S324 - a name, not security
+
+
+def input_names(paths: list[str]) -> list[str]:
+    """Each input's path below the folder all inputs share: the same corpus gives the same keys (and so the same
+    crops, which the loader seeds by key) wherever it is mounted or copied."""
+    if not paths:
+        return []
+    root = os.path.commonpath([Path(path).parent for path in paths])
+    return [str(Path(path).relative_to(root)) for path in paths]
 
 
 def read_labels(path: str) -> dict[str, Any]:
@@ -103,9 +112,9 @@ def read_labels(path: str) -> dict[str, Any]:
         raise ValueError(f"labels in {sidecar} are not valid JSON: {error}") from None
 
 
-def process_file(job: tuple[int, str, ShardParams]) -> FileResult:
+def process_file(job: tuple[int, str, str, ShardParams]) -> FileResult:
     """Decode one input and cut it into clips; never raises for a bad file, returns its rejection instead."""
-    index, path, params = job
+    index, path, name, params = job
     result = FileResult(index)
     try:
         decoded = decode_file(path)
@@ -142,7 +151,7 @@ def process_file(job: tuple[int, str, ShardParams]) -> FileResult:
             "labels": labels,
         }
         result.samples.append(
-            {"__key__": clip_key(path, clip), "flac": encode_flac(piece), "json": json.dumps(record, sort_keys=True)}
+            {"__key__": clip_key(name, clip), "flac": encode_flac(piece), "json": json.dumps(record, sort_keys=True)}
         )
         result.seconds.append(piece.size / SAMPLE_RATE)
     return result
@@ -225,7 +234,8 @@ def write_shards(
         mtime=0.0,  # identical inputs give byte-identical tars
     )
     with writer, _pool(jobs) as pool:
-        todo = [(index, paths[index], params) for index in range(start_file, len(paths))]
+        names = input_names(paths)
+        todo = [(index, paths[index], names[index], params) for index in range(start_file, len(paths))]
         results = pool.imap(process_file, todo) if pool else map(process_file, todo)
         for result in tqdm(results, total=len(todo), desc="shard", unit="file", disable=not progress):
             if result.rejection:

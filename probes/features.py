@@ -94,17 +94,21 @@ def extract(
     files: list[str],
     *,
     min_window_seconds: float = MIN_WINDOW_SECONDS,
+    windows_per_batch: int = 8,
     progress: bool = True,
     desc: str = "features",
 ) -> Features:
+    """Every window of every file; a file's full 30 s windows go through the encoder together, its shorter last
+    window alone, so a batch never holds padding."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     encoder = encoder.to(device).eval()
     values, owners = [], []
     for index, file in enumerate(tqdm(files, desc=desc, unit="file", disable=not progress)):
-        for window in windows(normalized(decode_file(file).audio), min_window_seconds):
-            hidden = encoder(torch.from_numpy(window)[None].to(device), None).hidden_states
-            values.append(torch.stack([state[0].mean(dim=0) for state in hidden]).float().cpu())
-            owners.append(index)
+        cut = windows(normalized(decode_file(file).audio), min_window_seconds)
+        for batch in _equal_length_batches(cut, windows_per_batch):
+            hidden = encoder(torch.from_numpy(np.stack(batch)).to(device), None).hidden_states
+            values += torch.stack([state.mean(dim=1) for state in hidden], dim=1).float().cpu()  # (window, layer, dim)
+            owners += [index] * len(batch)
     if not values:
         raise ValueError(f"no file had {min_window_seconds} s of audio to extract features from")
     return Features(torch.stack(values), torch.tensor(owners, dtype=torch.int64))
@@ -119,6 +123,16 @@ def normalized(audio: np.ndarray) -> np.ndarray:
 def windows(audio: np.ndarray, min_window_seconds: float = MIN_WINDOW_SECONDS) -> list[np.ndarray]:
     size, minimum = round(WINDOW_SECONDS * SAMPLE_RATE), round(min_window_seconds * SAMPLE_RATE)
     return [audio[start : start + size] for start in range(0, len(audio), size) if len(audio) - start >= minimum]
+
+
+def _equal_length_batches(cut: list[np.ndarray], size: int) -> list[list[np.ndarray]]:
+    batches: list[list[np.ndarray]] = []
+    for window in cut:
+        if batches and len(batches[-1]) < size and len(batches[-1][0]) == len(window):
+            batches[-1].append(window)
+        else:
+            batches.append([window])
+    return batches
 
 
 def _identity(files: list[str], min_window_seconds: float) -> str:

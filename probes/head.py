@@ -2,12 +2,17 @@
 1-12, then Linear → ReLU → Dropout(0.2) → Linear; Adam, batch 64, at most 100 epochs, ReduceLROnPlateau and
 early stopping on the task's validation metric; every window is an example, and windows are averaged per song
 before scoring.
+
+Options: one fixed hidden state instead of the learned weights (a layer-wise curve), a linear head, and the
+knobs of JukeMIR's grid (spec §8.1): input dropout, L2 weight decay, feature standardisation, batch size.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import functools
+import itertools
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -20,24 +25,28 @@ from probes.tasks import Example, Task
 
 @dataclass(frozen=True)
 class HeadConfig:
-    hidden: int = 512
-    dropout: float = 0.2
+    hidden: int = 512  # 0: a linear head
+    dropout: float = 0.2  # after the hidden layer
+    input_dropout: float = 0.0  # JukeMIR drops features at the input too, with the same p
+    weight_decay: float = 0.0  # Adam's L2 penalty (JukeMIR's grid)
     batch_size: int = 64
     max_epochs: int = 100
     lr: float | None = None  # None: the task's learning rate
     standardize: bool = False  # JukeMIR's option: each (layer, dim) scaled with the training split's statistics
+    layer: int | None = None  # one hidden state (0: the transformer's input); None: learned weights over 1..L
 
 
 class LayerWeightedMLP(nn.Module):
+    """Softmax weights over the given hidden states, then an MLP (or a linear map when `hidden` is 0)."""
+
     def __init__(self, layers: int, dim: int, outputs: int, cfg: HeadConfig) -> None:
         super().__init__()
         self.layer_logits = nn.Parameter(torch.randn(layers))
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, cfg.hidden), nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, outputs)
-        )
+        hidden = [nn.Linear(dim, cfg.hidden), nn.ReLU(), nn.Dropout(cfg.dropout)] if cfg.hidden else []
+        self.mlp = nn.Sequential(nn.Dropout(cfg.input_dropout), *hidden, nn.Linear(cfg.hidden or dim, outputs))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # (batch, layer, dim) -> (batch, outputs)
-        weights = torch.softmax(self.layer_logits, dim=0)
+        weights = torch.softmax(self.layer_logits, dim=0)  # a single given layer gets weight 1
         return self.mlp(torch.einsum("l,bld->bd", weights, features))
 
     def layer_weights(self) -> list[float]:
@@ -54,13 +63,13 @@ class ProbeResult:
 
 def train_probe(task: Task, examples: list[Example], features: Features, *, seed: int, cfg: HeadConfig) -> ProbeResult:
     torch.manual_seed(seed)
-    windows = {split: _windows_of(examples, features, split) for split in ("train", "valid", "test")}
+    windows = {split: _windows_of(examples, features.example, split) for split in ("train", "valid", "test")}
     if cfg.standardize:
         train = features.values[windows["train"]]
         features = Features((features.values - train.mean(dim=0)) / train.std(dim=0).clamp_min(1e-6), features.example)
-    inputs = features.values[:, 1:]  # hidden states 1..L; the transformer's input (index 0) is left out
+    inputs = head_inputs(features.values, cfg)
     head = LayerWeightedMLP(inputs.shape[1], inputs.shape[2], task.outputs, cfg)
-    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr or task.lr)
+    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr or task.lr, weight_decay=cfg.weight_decay)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="max", factor=0.5, patience=task.plateau_patience
     )
@@ -70,6 +79,7 @@ def train_probe(task: Task, examples: list[Example], features: Features, *, seed
     if task.kind == "regression":
         targets = (targets - shift) / spread
     loss_fn = _loss(task)
+    scores = functools.partial(evaluate, task, head, examples, inputs, features.example, unscale=(shift, spread))
     generator = torch.Generator().manual_seed(seed)
     best, best_state, since_best, epochs = -np.inf, copy.deepcopy(head.state_dict()), 0, 0
     for epochs in range(1, cfg.max_epochs + 1):  # noqa: B007 - the count is reported
@@ -79,7 +89,7 @@ def train_probe(task: Task, examples: list[Example], features: Features, *, seed
             optimizer.zero_grad()
             loss_fn(head(inputs[batch]), targets[batch]).backward()
             optimizer.step()
-        valid = evaluate(task, head, examples, features, "valid", unscale=(shift, spread))[task.monitor]
+        valid = scores(split="valid")[task.monitor]
         plateau.step(valid)
         if valid > best:
             best, best_state, since_best = valid, copy.deepcopy(head.state_dict()), 0
@@ -89,11 +99,28 @@ def train_probe(task: Task, examples: list[Example], features: Features, *, seed
                 break
     head.load_state_dict(best_state)
     return ProbeResult(
-        test=evaluate(task, head, examples, features, "test", unscale=(shift, spread)),
-        valid=evaluate(task, head, examples, features, "valid", unscale=(shift, spread)),
+        test=scores(split="test"),
+        valid=scores(split="valid"),
         epochs=epochs,
         layer_weights=head.layer_weights(),
     )
+
+
+def best_on_valid(
+    task: Task, examples: list[Example], features: Features, *, seed: int, heads: list[HeadConfig]
+) -> tuple[HeadConfig, ProbeResult]:
+    """Train every candidate head; the one with the best validation score is the one reported (JukeMIR)."""
+    trained = [(head, train_probe(task, examples, features, seed=seed, cfg=head)) for head in heads]
+    return max(trained, key=lambda pair: pair[1].valid[task.monitor])
+
+
+def head_inputs(values: torch.Tensor, cfg: HeadConfig) -> torch.Tensor:
+    """(window, layer, dim) -> the hidden states the head sees: 1..L (MARBLE leaves the input out) or one."""
+    if cfg.layer is None:
+        return values[:, 1:]
+    if not 0 <= cfg.layer < values.shape[1]:
+        raise ValueError(f"layer {cfg.layer}: the model has hidden states 0..{values.shape[1] - 1}")
+    return values[:, cfg.layer : cfg.layer + 1]
 
 
 @torch.inference_mode()
@@ -101,28 +128,31 @@ def evaluate(
     task: Task,
     head: nn.Module,
     examples: list[Example],
-    features: Features,
-    split: str,
+    inputs: torch.Tensor,
+    owners: torch.Tensor,
     *,
+    split: str,
     unscale: tuple[torch.Tensor, torch.Tensor],
 ) -> dict[str, float]:
-    """Window outputs averaged per song (logits for classes and tags, values for regression), then scored."""
+    """Window outputs averaged per song (logits for classes and tags, values for regression), then scored.
+
+    `inputs` are the head's inputs per window, `owners` the example each window comes from."""
     head.eval()
-    chosen = _windows_of(examples, features, split)
-    outputs = head(features.values[chosen, 1:]) * unscale[1] + unscale[0]
-    songs = [examples[int(features.example[w])].song_id for w in chosen]
+    chosen = _windows_of(examples, owners, split)
+    outputs = head(inputs[chosen]) * unscale[1] + unscale[0]
+    songs = [examples[int(owners[w])].song_id for w in chosen]
     names = sorted(set(songs))
     index = torch.tensor([names.index(song) for song in songs])
     summed = torch.zeros(len(names), outputs.shape[1]).index_add_(0, index, outputs)
     counts = torch.zeros(len(names)).index_add_(0, index, torch.ones(len(songs)))
     per_song = (summed / counts[:, None]).numpy()
-    first = {song: examples[int(features.example[w])] for w, song in zip(chosen.tolist(), songs, strict=True)}
+    first = {song: examples[int(owners[w])] for w, song in zip(chosen.tolist(), songs, strict=True)}
     return score(task, per_song, np.stack([_target_array(task, first[name].target) for name in names]))
 
 
-def _windows_of(examples: list[Example], features: Features, split: str) -> torch.Tensor:
+def _windows_of(examples: list[Example], owners: torch.Tensor, split: str) -> torch.Tensor:
     in_split = torch.tensor([example.split == split for example in examples])
-    chosen = torch.nonzero(in_split[features.example]).flatten()
+    chosen = torch.nonzero(in_split[owners]).flatten()
     if len(chosen) == 0:
         raise ValueError(f"no {split} examples with features")
     return chosen
@@ -153,3 +183,26 @@ def _loss(task: Task) -> nn.Module:
     if task.kind == "multiclass":
         return nn.CrossEntropyLoss()
     return nn.BCEWithLogitsLoss() if task.kind == "multilabel" else nn.MSELoss()
+
+
+MARBLE_LRS = (1e-2, 5e-3, 1e-3, 5e-4, 1e-4)  # MARBLE's optional learning-rate search (hp_search)
+
+
+def lr_sweep(base: HeadConfig) -> list[HeadConfig]:
+    return [replace(base, lr=lr) for lr in MARBLE_LRS]
+
+
+def jukemir_grid(base: HeadConfig) -> list[HeadConfig]:
+    """JukeMIR's 216 heads (spec §8.1), every combination of: standardisation on or off, hidden none or 512,
+    batch 64 or 256, lr 1e-5, 1e-4 or 1e-3, dropout 0.25, 0.5 or 0.75 (input and hidden), L2 0, 1e-4 or 1e-3;
+    the rest from `base`.
+
+    Each head trains with this module's loop (epochs, plateau, early stopping), not JukeMIR's sampled batches.
+    """
+    return [
+        replace(base, standardize=standardize, hidden=hidden, batch_size=batch, lr=lr, dropout=p, input_dropout=p,
+                weight_decay=l2)
+        for standardize, hidden, batch, lr, p, l2 in itertools.product(
+            (False, True), (0, 512), (64, 256), (1e-5, 1e-4, 1e-3), (0.25, 0.5, 0.75), (0.0, 1e-4, 1e-3)
+        )
+    ]  # fmt: skip

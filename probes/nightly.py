@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import statistics
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -53,6 +54,19 @@ def nightly(run_dir: Path, tasks: list[str], settings: ProbeSettings) -> list[di
             scalars.close()
         write_report(run_dir)
     return new_rows
+
+
+def nightly_runs(run_dirs: list[Path], tasks: list[str], settings: ProbeSettings) -> dict[Path, int | None]:
+    """`nightly` on each run directory: how many new rows each got, or None for one another job holds."""
+    return {run_dir: _new_rows_unless_busy(run_dir, tasks, settings) for run_dir in run_dirs}
+
+
+def _new_rows_unless_busy(run_dir: Path, tasks: list[str], settings: ProbeSettings) -> int | None:
+    try:
+        return len(nightly(run_dir, tasks, settings))
+    except RunBusyError as busy:
+        print(f"skipped: {busy}", file=sys.stderr, flush=True)
+        return None
 
 
 def read_results(run_dir: Path) -> list[dict[str, Any]]:

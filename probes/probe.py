@@ -1,18 +1,20 @@
-"""Probe one checkpoint on some tasks: features (cached), a head per seed, song-level test scores as rows."""
+"""Probe one checkpoint on some tasks: features (cached), a head per seed (optionally the best of a search, and one
+per hidden state), song-level test scores as rows."""
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from probes.datasets import demo, emomusic, giantsteps, gtzan, magnatagatune
 from probes.features import model_folder, task_features
-from probes.head import HeadConfig, train_probe
+from probes.head import HeadConfig, best_on_valid, jukemir_grid, lr_sweep
 from probes.tasks import Example, Task
 
 # task name -> (task, the adapter that lists its examples under a data root)
@@ -41,25 +43,29 @@ class ProbeSettings:
     seeds: tuple[int, ...] = (0,)  # one head per seed; results report mean ± std
     cache: Path | None = None  # None: ~/.cache/music2vec/features
     head: HeadConfig = field(default_factory=HeadConfig)
+    # several heads around `head`, the best on the valid split reported: MARBLE's lr sweep or JukeMIR's 216-head grid
+    search: Literal["lr", "jukemir"] | None = None
+    # one probe per hidden state (a layer-wise curve): their indices, or "all"; None: learned weights over 1..L
+    layers: tuple[int, ...] | Literal["all"] | None = None
     progress: bool = True
 
 
 def probe(checkpoint: Path, tasks: list[str], settings: ProbeSettings) -> list[dict[str, Any]]:
-    """One row per (task, seed, metric) on the test split, in the order of `tasks` and `settings.seeds`."""
+    """One row per (task, layer, seed, metric) on the test split, in the order of `tasks` and `settings.seeds`."""
     unknown = sorted(set(tasks) - set(REGISTRY))
     if unknown:
         raise ValueError(f"unknown probe task(s) {unknown}; known: {task_names()}")
-    head = settings.head
     folder = model_folder(checkpoint)
+    _check_layers(settings.layers, folder)
     rows = []
     for name in tasks:
         task, adapter = REGISTRY[name]
         examples = adapter(task, Path(settings.data_root))
         features = task_features(folder, task, examples, cache=settings.cache, progress=settings.progress)
-        for seed in settings.seeds:
-            result = train_probe(task, examples, features, seed=seed, cfg=head)
-            for metric, value in result.test.items():
-                rows.append(
+        for layer in _layers(settings.layers, hidden_states=features.values.shape[1]):
+            for seed in settings.seeds:
+                head, result = best_on_valid(task, examples, features, seed=seed, heads=_candidates(settings, layer))
+                rows += [
                     {
                         "checkpoint": str(checkpoint),
                         "step": checkpoint_step(checkpoint),
@@ -72,20 +78,50 @@ def probe(checkpoint: Path, tasks: list[str], settings: ProbeSettings) -> list[d
                         "valid": result.valid[metric],
                         "time": time.time(),
                     }
-                )
+                    for metric, value in result.test.items()
+                ]
     return rows
 
 
+def _layers(layers: tuple[int, ...] | Literal["all"] | None, *, hidden_states: int) -> list[int | None]:
+    if layers is None:
+        return [None]
+    return list(range(hidden_states)) if layers == "all" else list(layers)
+
+
+def _check_layers(layers: tuple[int, ...] | Literal["all"] | None, folder: Path) -> None:
+    """Asked-for hidden states exist: said before any feature is extracted."""
+    if isinstance(layers, tuple):
+        hidden_states = json.loads((folder / "config.json").read_text())["num_hidden_layers"] + 1
+        wrong = [layer for layer in layers if not 0 <= layer < hidden_states]
+        if wrong:
+            raise ValueError(f"layers {wrong}: {folder} has hidden states 0..{hidden_states - 1}")
+
+
+def _candidates(settings: ProbeSettings, layer: int | None) -> list[HeadConfig]:
+    base = replace(settings.head, layer=layer)
+    searches = {"lr": lr_sweep, "jukemir": jukemir_grid}
+    return searches[settings.search](base) if settings.search else [base]
+
+
 def summary_table(rows: list[dict[str, Any]]) -> str:
-    """task, metric, mean ± std over seeds (and how many seeds), primary metrics first."""
-    groups: dict[tuple[str, str], list[float]] = {}
-    primary: dict[tuple[str, str], bool] = {}
+    """task, layer, metric, mean ± std over seeds (and how many seeds), primary metrics first."""
+    groups: dict[tuple[str, int | None, str], list[float]] = {}
+    primary: dict[tuple[str, int | None, str], bool] = {}
     for row in rows:
-        key = (row["task"], row["metric"])
+        key = (row["task"], row["head"].get("layer"), row["metric"])
         groups.setdefault(key, []).append(row["value"])
         primary[key] = row["primary"]
-    lines = ["task                 metric               test (mean ± std over seeds)"]
-    for (task, metric), values in sorted(groups.items(), key=lambda item: (item[0][0], not primary[item[0]])):
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        lines.append(f"{task:<20} {metric:<20} {statistics.mean(values):.4f} ± {spread:.4f} (n={len(values)})")
+
+    def order(key: tuple[str, int | None, str]) -> tuple[str, int, bool]:
+        task, layer, _ = key
+        return task, -1 if layer is None else layer, not primary[key]
+
+    lines = ["task                 layer    metric               test (mean ± std over seeds)"]
+    for key in sorted(groups, key=order):
+        task, layer, metric = key
+        values = groups[key]
+        mean, spread = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+        where = "weighted" if layer is None else str(layer)
+        lines.append(f"{task:<20} {where:<8} {metric:<20} {mean:.4f} ± {spread:.4f} (n={len(values)})")
     return "\n".join(lines) + "\n"

@@ -103,3 +103,32 @@ def test_two_jobs_never_probe_one_run_at_once(run_dir, probe_everything, probe_d
     assert result.returncode == 0  # a busy run is skipped, not an error: cron will come back tomorrow
     assert "skipped" in result.stderr
     assert read_results(run_dir) == []
+
+
+def test_a_local_nightly_job_probes_the_run_and_keeps_its_log_there(run_dir, probe_data, cache):
+    command = [MUSIC2VEC, "nightly", str(run_dir), "--tasks", TASK, "--data-root", str(probe_data),
+               "--seeds", "0", "--cache-dir", str(cache), "--executor", "local", "--gpus", "0"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "submitted local nightly probe job" in result.stdout
+    assert f"new result rows {{'{run_dir.resolve()}': 4}}" in result.stdout  # 2 checkpoints x 2 metrics
+    assert {row["step"] for row in read_results(run_dir)} == {3, 6}
+    [log] = (run_dir / "probes" / "jobs").glob("local-*/*_log.out")
+    assert "Starting with JobEnvironment" in log.read_text()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--every", "24h"], "--every needs --executor slurm"),
+        (["--executor", "local", "--every", "24h"], "--every needs --executor slurm"),
+        (["--executor", "slurm", "--every", "tomorrow"], "--every 'tomorrow': expected a positive interval"),
+        (["--executor", "local", "--tasks", "gtzan"], r"GTZAN/train_filtered.txt: missing"),
+    ],
+)
+def test_a_nightly_job_that_would_fail_is_refused_before_it_is_queued(run_dir, probe_data, flags, message):
+    command = [MUSIC2VEC, "nightly", str(run_dir), "--tasks", TASK, "--data-root", str(probe_data), *flags]
+    result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not (run_dir / "probes").exists()

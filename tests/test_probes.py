@@ -3,18 +3,21 @@
 import json
 import subprocess
 import sys
+from dataclasses import astuple
 from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
+from conftest import tone
 
 from data.audio import SAMPLE_RATE
 from model import Data2VecAudio, save_hf
 from model.config import preset
 from probes.datasets import demo
 from probes.features import Features, extract, model_folder, task_features, windows
-from probes.head import HeadConfig, train_probe
+from probes.head import HeadConfig, best_on_valid, jukemir_grid, lr_sweep, train_probe
 from probes.metrics import key_weighted_score, score
 from probes.tasks import Example, Task
 
@@ -77,6 +80,16 @@ def test_features_are_cached_per_checkpoint_and_task(export, probe_data, tmp_pat
     torch.testing.assert_close(direct.values[0], first.values[0])
 
 
+def test_windows_of_a_file_batched_together_give_the_features_of_each_alone(export, tmp_path):
+    path = tmp_path / "long.flac"
+    sf.write(path, tone(65.0, SAMPLE_RATE, seed=3), SAMPLE_RATE)  # windows of 30, 30 and 5 s
+    encoder = model_folder_encoder(export)
+    batched = extract(encoder, [str(path)], progress=False)
+    alone = extract(encoder, [str(path)], windows_per_batch=1, progress=False)
+    assert batched.values.shape == (3, 5, 64)
+    torch.testing.assert_close(batched.values, alone.values, atol=1e-5, rtol=1e-4)
+
+
 def model_folder_encoder(export: Path) -> Data2VecAudio:
     from model import load_hf
 
@@ -93,10 +106,16 @@ def test_a_run_checkpoint_resolves_to_its_export(tmp_path, export):
         model_folder(tmp_path)
 
 
-def test_probe_command_writes_rows_for_each_seed_and_metric(export, probe_data, tmp_path):
+@pytest.fixture(scope="module")
+def feature_cache(tmp_path_factory) -> Path:
+    """Shared by the command tests: the demo tasks' clips are extracted once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_probe_command_writes_rows_for_each_seed_and_metric(export, probe_data, feature_cache, tmp_path):
     out = tmp_path / "results.jsonl"
     cmd = [MUSIC2VEC, "probe", str(export), "--tasks", "demo_instruments", "--data-root", str(probe_data),
-           "--seeds", "0", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+           "--seeds", "0", "1", "--cache-dir", str(feature_cache), "--out", str(out),
            "--standardize"]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -107,8 +126,30 @@ def test_probe_command_writes_rows_for_each_seed_and_metric(export, probe_data, 
     assert all(row["step"] == 7 and row["task"] == "demo_instruments" for row in rows)
     assert all(row["head"]["standardize"] for row in rows)
     assert all(0.0 <= row["value"] <= 1.0 for row in rows)
-    assert "demo_instruments     roc_auc" in result.stdout
+    assert "demo_instruments     weighted roc_auc" in result.stdout
     assert "(n=2)" in result.stdout
+
+
+def test_a_layer_wise_curve_has_a_linear_probe_per_hidden_state(export, probe_data, feature_cache, tmp_path):
+    out = tmp_path / "curve.jsonl"
+    cmd = [MUSIC2VEC, "probe", str(export), "--tasks", "demo_tempo", "--data-root", str(probe_data),
+           "--cache-dir", str(feature_cache), "--out", str(out), "--layers", "all", "--linear"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["head"]["layer"] for row in rows] == [0, 1, 2, 3, 4]  # the tiny model's input and its 4 layers
+    assert {row["head"]["hidden"] for row in rows} == {0}
+    assert len(set(result.stdout.splitlines())) == 6  # a header and a line per layer
+
+
+def test_a_layer_the_model_lacks_is_refused_before_any_extraction(export, probe_data, tmp_path):
+    cmd = [MUSIC2VEC, "probe", str(export), "--tasks", "demo_key", "--data-root", str(probe_data),
+           "--cache-dir", str(tmp_path), "--layers", "0", "9"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
+    assert result.returncode == 2
+    assert "layers [9]:" in result.stderr
+    assert "hidden states 0..4" in result.stderr
+    assert not list(tmp_path.rglob("*.safetensors"))
 
 
 def test_unknown_task_is_refused(export, tmp_path):
@@ -133,3 +174,41 @@ def test_standardized_features_expose_a_small_signal_under_large_noise():
     scaled = train_probe(task, examples, features, seed=0, cfg=HeadConfig(standardize=True))
     assert scaled.test["accuracy"] == 1.0
     assert plain.test["accuracy"] < 0.8
+
+
+def separable(count: int, signal_layer: int) -> tuple[list[Example], Features]:
+    """Two classes whose only trace is one dimension of one hidden state, in 3 hidden states of noise."""
+    generator = torch.Generator().manual_seed(1)
+    labels = (torch.arange(count) // 4) % 2
+    values = torch.randn(count, 3, 8, generator=generator)
+    values[:, signal_layer, 0] += (labels * 2 - 1) * 4.0
+    splits = ["train", "train", "valid", "test"]
+    return [Example(Path(f"c{i}.flac"), splits[i % 4], int(labels[i])) for i in range(count)], Features(
+        values, torch.arange(count)
+    )
+
+
+def test_a_fixed_layer_head_sees_that_hidden_state_alone():
+    task = Task("toy", "multiclass", ("a", "b"), monitor="accuracy", lr=1e-2)
+    examples, features = separable(128, signal_layer=0)
+    layer_0 = train_probe(task, examples, features, seed=0, cfg=HeadConfig(hidden=0, layer=0))
+    layer_2 = train_probe(task, examples, features, seed=0, cfg=HeadConfig(hidden=0, layer=2))
+    weighted = train_probe(task, examples, features, seed=0, cfg=HeadConfig())  # 1..L: the input is left out
+    assert layer_0.test["accuracy"] == 1.0
+    assert layer_2.test["accuracy"] < 0.8
+    assert weighted.test["accuracy"] < 0.8
+
+
+def test_the_searches_and_the_choice_on_validation():
+    assert [head.lr for head in lr_sweep(HeadConfig(hidden=0))] == [1e-2, 5e-3, 1e-3, 5e-4, 1e-4]
+    grid = jukemir_grid(HeadConfig(layer=3))
+    assert len({astuple(head) for head in grid}) == 216
+    assert all(head.input_dropout == head.dropout and head.layer == 3 for head in grid)
+    assert {head.hidden for head in grid} == {0, 512}
+    assert {head.weight_decay for head in grid} == {0.0, 1e-4, 1e-3}
+    task = Task("toy", "multiclass", ("a", "b"), monitor="accuracy")
+    examples, features = separable(128, signal_layer=1)
+    frozen, learning = HeadConfig(lr=1e-9, max_epochs=3), HeadConfig(lr=1e-2)
+    chosen, result = best_on_valid(task, examples, features, seed=0, heads=[frozen, learning])
+    assert chosen == learning
+    assert result.valid["accuracy"] == 1.0

@@ -116,6 +116,18 @@ def test_same_inputs_give_identical_shards(corpus, shards, tmp_path):
     assert (tmp_path / "manifest.json").read_text() == (shards / "manifest.json").read_text()
 
 
+def test_a_copied_corpus_gives_the_same_keys_and_clips(corpus, shards, tmp_path):
+    """Keys name inputs below their shared folder, so the loader's crops (seeded by key) do not depend on where the
+    corpus is mounted; only the `source` field of each record says where it was read."""
+    copy = Path(shutil.copytree(corpus, tmp_path / "elsewhere" / "corpus"))
+    write_shards([str(copy)], tmp_path / "shards", TEST_PARAMS, progress=False)
+    for shard in sorted(shards.glob("shard-*.tar")):
+        with tarfile.open(shard) as ours, tarfile.open(tmp_path / "shards" / shard.name) as theirs:
+            assert ours.getnames() == theirs.getnames()
+            flacs = [name for name in ours.getnames() if name.endswith(".flac")]
+            assert [ours.extractfile(n).read() for n in flacs] == [theirs.extractfile(n).read() for n in flacs]
+
+
 def test_a_finished_folder_and_a_different_interrupted_run_are_refused(shards, corpus, tmp_path):
     with pytest.raises(FileExistsError, match=r"manifest\.json"):
         write_shards([str(corpus)], shards, TEST_PARAMS, progress=False)

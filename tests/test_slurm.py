@@ -7,6 +7,7 @@ lost or repeated across requeues, cancels and kills.
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from cluster.attempts import latest_job
+from probes.nightly import read_results
 from trainer.layout import complete_checkpoints
 from trainer.metrics import read_metrics
 
@@ -209,3 +211,33 @@ def test_bad_config_is_refused_before_submission(slurm, demo_shards, tmp_path):
     after = subprocess.run(accounted, capture_output=True, text=True, check=True).stdout
     assert after == before, "nothing may be queued"
     assert not (tmp_path / "run").exists()
+
+
+def test_nightly_probes_on_slurm_and_queues_the_next_night(slurm, reference, probe_data, tmp_path):
+    run_dir = Path(shutil.copytree(reference, tmp_path / "run", symlinks=True))
+    for step in (10, 20, 30):  # only the newest checkpoint is left to probe: a shorter job
+        (run_dir / "checkpoints" / f"step_{step:09d}" / "COMPLETE").unlink()
+    command = [MUSIC2VEC, "nightly", str(run_dir), "--tasks", "demo_instruments", "--data-root", str(probe_data),
+               "--cache-dir", str(tmp_path / "cache"), "--executor", "slurm", "--every", "1h", "--gpus", "0",
+               "--cpus-per-task", "1", "--time", "10", f"--partition={slurm}", "--wait"]  # fmt: skip
+    submitted_at = time.time()
+    result = run(command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = re.search(r"nightly probe job (\d+)", result.stdout).group(1)
+    following = re.search(r"the next one is job (\d+)", result.stdout).group(1)
+    try:
+        assert slurm_states(first) == ["COMPLETED"]
+        assert {row["step"] for row in read_results(run_dir)} == {40}
+        assert (run_dir / "probes" / "jobs" / first / f"{first}_0_log.out").is_file()
+        listed = ["squeue", "--noheader", "--jobs", following, "--format", "%T %r %j"]
+        assert subprocess.run(listed, capture_output=True, text=True, check=True).stdout.split() == [
+            "PENDING",
+            "BeginTime",
+            "music2vec-nightly",
+        ]
+        begin = subprocess.run(["scontrol", "show", "job", following], capture_output=True, text=True, check=True)
+        start = re.search(r"StartTime=(\S+)", begin.stdout).group(1)
+        hours = (time.mktime(time.strptime(start, "%Y-%m-%dT%H:%M:%S")) - submitted_at) / 3600
+        assert 0.95 < hours < 1.1  # tomorrow's job, an interval after this one started
+    finally:
+        subprocess.run(["scancel", following], check=False)

@@ -226,7 +226,7 @@ def test_nightly_probes_on_slurm_and_queues_the_next_night(slurm, reference, pro
     first = re.search(r"nightly probe job (\d+)", result.stdout).group(1)
     following = re.search(r"the next one is job (\d+)", result.stdout).group(1)
     try:
-        assert slurm_states(first) == ["COMPLETED"]
+        wait_until(lambda: slurm_states(first) == ["COMPLETED"], "sacct to record the job's end", timeout=60)
         assert {row["step"] for row in read_results(run_dir)} == {40}
         assert (run_dir / "probes" / "jobs" / first / f"{first}_0_log.out").is_file()
         listed = ["squeue", "--noheader", "--jobs", following, "--format", "%T %r %j"]

@@ -70,20 +70,20 @@ def _train_and_valid(folder: Path) -> list[Example]:
     dataset = _dataset(folder, TRAIN_SET)
     table = dataset / "annotations" / "annotations.txt"
     rows = read_table(table, ["ID", "MANUAL KEY", "C"], delimiter="\t", expected="the MTG key annotations")
-    split_of_artist = _artist_splits(dataset / "annotations" / "beatport_metadata.txt")
+    split_of_track = _track_splits(dataset / "annotations" / "beatport_metadata.txt")
     found = []
     for row in rows:
         if row["C"] != "2" or "/" in row["MANUAL KEY"]:  # low confidence, or several keys
             continue
         source = f"{table}, ID {row['ID']}"
-        if row["ID"] not in split_of_artist:
+        if row["ID"] not in split_of_track:
             raise DatasetError(f"{source}: no row with this ID in beatport_metadata.txt")
         audio = _audio(folder, dataset, f"{row['ID']}.LOFI")
-        found.append(Example(audio, split_of_artist[row["ID"]], key_index(row["MANUAL KEY"], source)))
+        found.append(Example(audio, split_of_track[row["ID"]], key_index(row["MANUAL KEY"], source)))
     return found
 
 
-def _artist_splits(path: Path) -> dict[str, str]:
+def _track_splits(path: Path) -> dict[str, str]:
     """Track ID -> split: artists by name hash (100 train : 16 valid), collaborators of valid artists valid."""
     rows = read_table(path, ["ID", "ARTIST"], delimiter="\t", expected="the MTG key set's Beatport metadata")
     artists_of = {row["ID"]: [name.strip() for name in row["ARTIST"].split(",")] for row in rows}

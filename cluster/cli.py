@@ -340,7 +340,9 @@ def _add_nightly(commands: Any) -> None:
         "--executor", choices=("slurm", "local"), help="run as a job: SLURM through submitit, or a local process"
     )
     nightly.add_argument("--every", help="with --executor slurm: resubmit every interval, e.g. 24h (SLURM --begin)")
-    nightly.add_argument("--gpus", type=int, default=1, help="GPUs of the job (default: %(default)s)")
+    nightly.add_argument(
+        "--gpus", type=int, choices=(0, 1), default=1, help="GPUs of the job; it uses one (default: %(default)s)"
+    )
     nightly.add_argument("--cpus-per-task", type=int, default=8, help="CPUs of the job (default: %(default)s)")
     _add_slurm_resources(nightly, time_help="time limit of one night's job (default: 6:00:00)")
     nightly.add_argument("--wait", action="store_true", help="wait for a SLURM job to finish (local jobs always do)")

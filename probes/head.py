@@ -59,6 +59,12 @@ class ProbeResult:
     valid: dict[str, float]
     epochs: int
     layer_weights: list[float]
+    ensemble: str  # how window outputs became song outputs (chosen on valid when the task allows several)
+
+
+# A song's outputs from its windows': the mean (logits, tag logits or values), or for classes JukeMIR's others:
+# a majority vote of window predictions, the elementwise max logit, the mean of window softmaxes.
+SONG_ENSEMBLES = ("mean", "vote", "max_logit", "mean_softmax")
 
 
 def train_probe(task: Task, examples: list[Example], features: Features, *, seed: int, cfg: HeadConfig) -> ProbeResult:
@@ -80,6 +86,11 @@ def train_probe(task: Task, examples: list[Example], features: Features, *, seed
         targets = (targets - shift) / spread
     loss_fn = _loss(task)
     scores = functools.partial(evaluate, task, head, examples, inputs, features.example, unscale=(shift, spread))
+
+    def best_ensemble(split: str) -> tuple[str, dict[str, float]]:
+        by_ensemble = {ensemble: scores(split=split, ensemble=ensemble) for ensemble in task.song_ensembles}
+        return max(by_ensemble.items(), key=lambda item: item[1][task.monitor])
+
     generator = torch.Generator().manual_seed(seed)
     best, best_state, since_best, epochs = -np.inf, copy.deepcopy(head.state_dict()), 0, 0
     for epochs in range(1, cfg.max_epochs + 1):  # noqa: B007 - the count is reported
@@ -89,7 +100,7 @@ def train_probe(task: Task, examples: list[Example], features: Features, *, seed
             optimizer.zero_grad()
             loss_fn(head(inputs[batch]), targets[batch]).backward()
             optimizer.step()
-        valid = scores(split="valid")[task.monitor]
+        valid = best_ensemble("valid")[1][task.monitor]  # MARBLE monitors the best ensemble's score
         plateau.step(valid)
         if valid > best:
             best, best_state, since_best = valid, copy.deepcopy(head.state_dict()), 0
@@ -98,11 +109,13 @@ def train_probe(task: Task, examples: list[Example], features: Features, *, seed
             if since_best >= task.stop_patience:
                 break
     head.load_state_dict(best_state)
+    ensemble, valid_scores = best_ensemble("valid")
     return ProbeResult(
-        test=scores(split="test"),
-        valid=scores(split="valid"),
+        test=scores(split="test", ensemble=ensemble),
+        valid=valid_scores,
         epochs=epochs,
         layer_weights=head.layer_weights(),
+        ensemble=ensemble,
     )
 
 
@@ -133,8 +146,9 @@ def evaluate(
     *,
     split: str,
     unscale: tuple[torch.Tensor, torch.Tensor],
+    ensemble: str = "mean",
 ) -> dict[str, float]:
-    """Window outputs averaged per song (logits for classes and tags, values for regression), then scored.
+    """Window outputs combined per song (`SONG_ENSEMBLES`), then scored.
 
     `inputs` are the head's inputs per window, `owners` the example each window comes from."""
     head.eval()
@@ -143,11 +157,25 @@ def evaluate(
     songs = [examples[int(owners[w])].song_id for w in chosen]
     names = sorted(set(songs))
     index = torch.tensor([names.index(song) for song in songs])
-    summed = torch.zeros(len(names), outputs.shape[1]).index_add_(0, index, outputs)
-    counts = torch.zeros(len(names)).index_add_(0, index, torch.ones(len(songs)))
-    per_song = (summed / counts[:, None]).numpy()
+    per_song = song_outputs(outputs, index, len(names), ensemble).numpy()
     first = {song: examples[int(owners[w])] for w, song in zip(chosen.tolist(), songs, strict=True)}
     return score(task, per_song, np.stack([_target_array(task, first[name].target) for name in names]))
+
+
+def song_outputs(outputs: torch.Tensor, song: torch.Tensor, songs: int, ensemble: str) -> torch.Tensor:
+    """(window, output) -> (song, output): for classes, a song's prediction is the argmax of its row."""
+    if ensemble not in SONG_ENSEMBLES:
+        raise ValueError(f"song ensemble {ensemble!r}: expected one of {SONG_ENSEMBLES}")
+    if ensemble == "vote":  # counts of window predictions; a tie goes to the lower class, as scipy's mode
+        outputs = torch.nn.functional.one_hot(outputs.argmax(dim=1), outputs.shape[1]).float()
+    elif ensemble == "mean_softmax":
+        outputs = outputs.softmax(dim=1)
+    elif ensemble == "max_logit":
+        rows = torch.full((songs, outputs.shape[1]), -torch.inf)
+        return rows.scatter_reduce(0, song[:, None].expand_as(outputs), outputs, reduce="amax")
+    summed = torch.zeros(songs, outputs.shape[1]).index_add_(0, song, outputs)
+    counts = torch.zeros(songs).index_add_(0, song, torch.ones(len(song)))
+    return summed / counts[:, None]
 
 
 def _windows_of(examples: list[Example], owners: torch.Tensor, split: str) -> torch.Tensor:

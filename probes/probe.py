@@ -74,7 +74,8 @@ def probe(checkpoint: Path, tasks: list[str], settings: ProbeSettings) -> list[d
                         "value": value,
                         "primary": metric == task.monitor,
                         "seed": seed,
-                        "head": asdict(head) | {"lr": head.lr or task.lr, "epochs": result.epochs},
+                        "head": asdict(head)
+                        | {"lr": head.lr or task.lr, "epochs": result.epochs, "ensemble": result.ensemble},
                         "valid": result.valid[metric],
                         "time": time.time(),
                     }

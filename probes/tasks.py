@@ -39,6 +39,8 @@ class Task:
     references: dict[str, dict[str, float]] = field(default_factory=dict)
     # a file's last window shorter than this is dropped (MARBLE: 1 s; JukeMIR's 30 s clips keep whole ones only)
     min_window_seconds: float = 1.0
+    # how window outputs become a song's (see probes.head.SONG_ENSEMBLES); with several, the best on valid is used
+    song_ensembles: tuple[str, ...] = ("mean",)
 
     @property
     def outputs(self) -> int:

@@ -153,6 +153,9 @@ def test_probe_runs_every_published_task_and_the_report_shows_the_published_scor
         ("giantsteps_key", "accuracy"), ("giantsteps_key", "weighted_score"),
         ("emomusic", "r2"), ("emomusic", "r2_arousal"), ("emomusic", "r2_valence"),
     }  # fmt: skip
+    chosen = {row["head"]["ensemble"] for row in rows if row["task"] == "giantsteps_key"}
+    assert chosen <= {"vote", "max_logit", "mean", "mean_softmax"}  # picked on validation, recorded with the head
+    assert {row["head"]["ensemble"] for row in rows if row["task"] != "giantsteps_key"} == {"mean"}
     (tmp_path / "run" / "probes").mkdir()
     (tmp_path / "run" / "probes" / "results.jsonl").write_text(out.read_text())
     report = write_report(tmp_path / "run").read_text()

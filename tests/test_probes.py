@@ -17,7 +17,7 @@ from model import Data2VecAudio, save_hf
 from model.config import preset
 from probes.datasets import demo
 from probes.features import Features, extract, model_folder, task_features, windows
-from probes.head import HeadConfig, best_on_valid, jukemir_grid, lr_sweep, train_probe
+from probes.head import SONG_ENSEMBLES, HeadConfig, best_on_valid, jukemir_grid, lr_sweep, song_outputs, train_probe
 from probes.metrics import key_weighted_score, score
 from probes.tasks import Example, Task
 
@@ -212,3 +212,15 @@ def test_the_searches_and_the_choice_on_validation():
     chosen, result = best_on_valid(task, examples, features, seed=0, heads=[frozen, learning])
     assert chosen == learning
     assert result.valid["accuracy"] == 1.0
+
+
+def test_song_ensembles_combine_windows_as_jukemir_does():
+    windows = torch.tensor([[10.0, 0, 0], [0, 2, 0], [0, 2, 0], [0, 0, 1], [0, 3, 0]])
+    song = torch.tensor([0, 0, 0, 1, 1])
+    predicted = {name: song_outputs(windows, song, 2, name).argmax(dim=1).tolist() for name in SONG_ENSEMBLES}
+    assert predicted == {
+        "mean": [0, 1],
+        "max_logit": [0, 1],
+        "vote": [1, 1],  # song 1's tie between classes 1 and 2 goes to the lower one
+        "mean_softmax": [1, 1],  # one confident window outweighs two others in logits, not in probabilities
+    }

@@ -36,6 +36,7 @@ TASKS = {
         stop_patience=20,
         references={"Music2Vec": {"weighted_score": 0.501}, "Jukebox": {"weighted_score": 0.667}},
         min_window_seconds=30.0,
+        song_ensembles=("vote", "max_logit", "mean", "mean_softmax"),  # JukeMIR: chosen on validation
     )
 }
 

@@ -23,8 +23,9 @@ from probes.datasets import demo as demo_tasks
 from probes.nightly import nightly, read_results
 from probes.probe import ProbeSettings, probe
 from trainer.config import ExperimentConfig, load_config
+from trainer.layout import latest_complete
 from trainer.metrics import read_metrics
-from trainer.train import TrainSummary, train
+from trainer.train import train
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -41,16 +42,20 @@ def prepare_shards(out: Path, clips: int) -> Path:
 PROBE_SEEDS = (0, 1, 2)
 
 
-def run_demo(out: Path, *, clips: int, steps: int, probes: bool = True) -> TrainSummary:
+def run_demo(out: Path, *, clips: int, steps: int, probes: bool = True) -> Path:
+    """The demo's run directory, trained (unless a finished demo is already there) and probed."""
     manifest = prepare_shards(out, clips)
     overrides = [f"data.shards={manifest}", f"train.run_dir={out / 'run'}", f"optim.max_updates={steps}"]
     cfg = load_config(TINY, overrides)
-    init_distributed(from_environment())
-    summary = train(cfg)
-    report(summary)
+    run_dir = Path(cfg.train.run_dir)
+    done = latest_complete(run_dir)
+    if done is None or done[0] != steps:  # a finished demo is only summarised again, without starting DeepSpeed
+        init_distributed(from_environment())
+        train(cfg)
+    report(run_dir)
     if probes:
-        report_probes(summary.run_dir, probe_demo(cfg, out))
-    return summary
+        report_probes(run_dir, probe_demo(cfg, out))
+    return run_dir
 
 
 def probe_demo(cfg: ExperimentConfig, out: Path) -> list[dict[str, Any]]:
@@ -90,15 +95,15 @@ def primary_scores(rows: list[dict[str, Any]], task: str, metric: str, *, step: 
     return f"{statistics.mean(values):.3f} ± {spread:.3f}"
 
 
-def report(summary: TrainSummary) -> None:
-    metrics = read_metrics(summary.run_dir)
+def report(run_dir: Path) -> None:
+    metrics = read_metrics(run_dir)
     first, last = metrics[0], metrics[-1]
     print()
     print(f"trained the tiny model for {last['step']} updates on CPU with DeepSpeed ZeRO-2")
     print(f"  loss        {first['loss']:.3f} at update 1 -> {last['loss']:.3f} at update {last['step']}")
     print(f"  target_var  {first['target_var']:.3f} -> {last['target_var']:.3f}")
     print(f"  throughput  {last['audio_seconds_per_s']:.0f} audio-seconds/s (last update)")
-    print(f"  checkpoints {summary.run_dir / 'checkpoints'}")
-    print(f"  exports     {summary.run_dir / 'exports'}  (Hugging Face Data2VecAudioModel folders)")
-    print(f"  metrics     {summary.run_dir / 'metrics.jsonl'}")
-    print(f"  TensorBoard: tensorboard --logdir {summary.run_dir / 'tb'}")
+    print(f"  checkpoints {run_dir / 'checkpoints'}")
+    print(f"  exports     {run_dir / 'exports'}  (Hugging Face Data2VecAudioModel folders)")
+    print(f"  metrics     {run_dir / 'metrics.jsonl'}")
+    print(f"  TensorBoard: tensorboard --logdir {run_dir / 'tb'}")

@@ -117,12 +117,13 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _nightly(args: argparse.Namespace) -> int:
+    from cluster.nightly import EVERY_NEEDS_SLURM
     from probes.nightly import nightly_runs
 
     if args.executor:
         return _submit_nightly(args)
     if args.every:
-        raise ValueError("--every needs --executor slurm (SLURM's --begin); without SLURM, run nightly from cron")
+        raise ValueError(EVERY_NEEDS_SLURM)
     run_dirs = [Path(run_dir) for run_dir in args.run_dirs]
     for run_dir, new_rows in nightly_runs(run_dirs, args.tasks, _probe_settings(args)).items():
         if new_rows is not None:  # a busy run is said on stderr

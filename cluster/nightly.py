@@ -23,6 +23,7 @@ from cluster.launch import local_parameters, slurm_parameters
 from probes.probe import REGISTRY, ProbeSettings
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+EVERY_NEEDS_SLURM = "--every needs --executor slurm (SLURM's --begin); without SLURM, run nightly from cron"
 
 
 def interval_seconds(text: str) -> int:
@@ -51,7 +52,7 @@ class NightlySchedule:
 def check_schedule(schedule: NightlySchedule) -> None:
     """What would fail in the job fails here, before anything is queued."""
     if schedule.every_s is not None and schedule.cluster.executor != "slurm":
-        raise ValueError("--every needs --executor slurm (SLURM's --begin); without SLURM, run nightly from cron")
+        raise ValueError(EVERY_NEEDS_SLURM)
     if schedule.cluster.executor == "slurm" and shutil.which("sbatch") is None:
         raise ValueError("--executor slurm, but sbatch is not on PATH: submit from a SLURM login node")
     missing = [str(run_dir) for run_dir in schedule.run_dirs if not (run_dir / "config.yaml").is_file()]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -73,11 +74,11 @@ def task_features(
     files = [str(example.path) for example in examples]
     identity = _identity(files, task.min_window_seconds)
     # this task's entry, or another task's over the same files and windows (the demo tasks share their audio)
-    for stored_path in [path, *sorted(path.parent.glob("*.safetensors"))]:
-        if stored_path.is_file():
+    others = sorted(stored for stored in path.parent.glob("*.safetensors") if stored != path)
+    for stored_path in [path, *others]:
+        if stored_path.is_file() and _stored_identity(stored_path) == identity:
             stored = load_file(stored_path)
-            if identity == _identity_of(stored):
-                return Features(stored["values"], stored["example"])
+            return Features(stored["values"], stored["example"])
     encoder = load_hf(folder)
     features = extract(encoder, files, min_window_seconds=task.min_window_seconds, progress=progress, desc=task.name)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,6 +143,12 @@ def _identity(files: list[str], min_window_seconds: float) -> str:
 
 def _identity_tensor(identity: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(identity.encode()), dtype=torch.uint8).clone()
+
+
+def _stored_identity(path: Path) -> str:
+    """The identity a cache entry was written with, read without loading its features."""
+    with safe_open(path, framework="pt") as stored:
+        return _identity_of({"files": stored.get_tensor("files")}) if "files" in stored.keys() else ""  # noqa: SIM118 - no __contains__
 
 
 def _identity_of(stored: dict[str, torch.Tensor]) -> str:

@@ -222,6 +222,7 @@ def test_nightly_probes_on_slurm_and_queues_the_next_night(slurm, reference, pro
                "--cpus-per-task", "1", "--time", "10", f"--partition={slurm}", "--wait"]  # fmt: skip
     submitted_at = time.time()
     result = run(command)
+    finished_at = time.time()
     assert result.returncode == 0, result.stderr[-3000:]
     first = re.search(r"nightly probe job (\d+)", result.stdout).group(1)
     following = re.search(r"the next one is job (\d+)", result.stdout).group(1)
@@ -237,7 +238,8 @@ def test_nightly_probes_on_slurm_and_queues_the_next_night(slurm, reference, pro
         ]
         begin = subprocess.run(["scontrol", "show", "job", following], capture_output=True, text=True, check=True)
         start = re.search(r"StartTime=(\S+)", begin.stdout).group(1)
-        hours = (time.mktime(time.strptime(start, "%Y-%m-%dT%H:%M:%S")) - submitted_at) / 3600
-        assert 0.95 < hours < 1.1  # tomorrow's job, an interval after this one started
+        begins = time.mktime(time.strptime(start, "%Y-%m-%dT%H:%M:%S"))
+        # an interval after this job started, which was between its submission and its end
+        assert submitted_at + 3600 - 60 < begins < finished_at + 3600 + 60
     finally:
         subprocess.run(["scancel", following], check=False)

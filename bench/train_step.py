@@ -1,18 +1,27 @@
-"""One training step through our DeepSpeed engine vs a plain PyTorch loop: same model, optimizer, batch, precision.
+"""One training update through our DeepSpeed engine vs a plain PyTorch loop: same model, optimizer, batch, precision.
 
-Both steps do forward, backward, an AdamW update and the EMA teacher update; the engine adds ZeRO-2 bookkeeping,
-its gradient buckets and the step boundary logic. Steps alternate between the two so that load elsewhere on the
-machine hits both alike. The goal: engine overhead <= 5 %. Also printed: audio-seconds/s per device, and on a GPU
-the model FLOP utilisation against a bf16 matmul measured in the same run.
+Both do forward and backward of every micro-batch, an AdamW update (the same implementation, `optimizer_choice`) and
+the EMA teacher update. The plain loop trains in bf16 the way plain PyTorch does, fp32 weights under bf16 autocast;
+the engine adds ZeRO's gradient buckets, bf16 weights with an fp32 master copy, and its step boundary logic. Updates
+alternate between the two so that load elsewhere on the machine hits both alike. The goal: engine overhead <= 5 %.
 
-Usage: python bench/train_step.py [--preset base] [--batch 2] [--seconds 5] [--precision fp32|bf16] [--iters 5]
+Also printed: audio-seconds/s per device, peak GPU memory, and on a GPU the model FLOP utilisation (MFU, the
+teacher's forward counted) against a bf16 matmul measured in the same run, with the wall-clock that MFU projects for
+the paper's recipe (400k updates of 96 crops x 5 s per GPU) on 8 A100s.
+
+    python bench/train_step.py                                      # CPU: base, fp32, 2 x 5 s
+    python bench/train_step.py --precision bf16 --batch 96          # GPU: the paper's per-GPU batch
+    python bench/train_step.py --precision bf16 --batch 96 --reduce bf16  # the cost of fp32 gradient accumulation
+    python bench/train_step.py --precision bf16 --batch 96 --compile      # or --deterministic
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,44 +36,118 @@ from model_step import matmul_peak, synchronize
 from cluster.environment import from_environment, init_distributed
 from data import span_mask
 from model import Music2Vec
-from trainer.config import load_config
-from trainer.engine import Engine, build_optimizer
+from trainer.config import ExperimentConfig, load_config
+from trainer.ds_config import template_path
+from trainer.engine import Engine, build_optimizer, optimizer_choice
+from trainer.train import use_deterministic_kernels
+
+A100_BF16_PEAK = 312e12  # dense bf16 FLOP/s of an A100's tensor cores (NVIDIA's datasheet)
+PAPER_UPDATES, PAPER_CROPS_PER_GPU, PAPER_GPUS = 400_000, 96, 8
 
 
-def build_steps(args: argparse.Namespace) -> tuple[dict[str, Callable[[], None]], torch.device, torch.dtype]:
-    """Two step functions over twin models with the same weights: one plain, one inside our DeepSpeed engine."""
-    overrides = [f"model.preset={args.preset}", f"data.batch_size={args.batch}", f"train.precision={args.precision}"]
-    cfg = load_config(None, [*overrides, "model.layerdrop=0.0", f"train.zero_stage={args.zero_stage}"])
+def experiment(args: argparse.Namespace) -> ExperimentConfig:
+    overrides = [
+        f"model.preset={args.preset}",
+        "model.layerdrop=0.0",  # both loops do the same work every update
+        f"data.batch_size={args.batch}",
+        f"train.precision={args.precision}",
+        f"train.zero_stage={args.zero_stage}",
+        f"train.grad_accum={args.grad_accum}",
+        f"train.compile={str(args.compile).lower()}",
+    ]
+    if args.reduce == "bf16":  # the template without its fp32 reduction and accumulation: DeepSpeed's default
+        template = json.loads(template_path(load_config(None, overrides)).read_text())
+        template.pop("communication_data_type")
+        template.pop("data_types")
+        path = Path(tempfile.mkdtemp()) / "bf16_reduce.json"
+        path.write_text(json.dumps(template))
+        overrides.append(f"train.ds_config={path}")
+    return load_config(None, overrides)
+
+
+def build_updates(cfg: ExperimentConfig, seconds: float) -> tuple[dict[str, Callable[[], None]], torch.device]:
+    """Two update functions over twin models with the same weights: one plain, one inside our DeepSpeed engine."""
     init_distributed(from_environment())
     torch.manual_seed(0)
     plain = Music2Vec(cfg.model)
     wrapped = Music2Vec(cfg.model)
     wrapped.load_state_dict(plain.state_dict())
     engine = Engine(wrapped, cfg, world_size=1)
-    device, dtype = engine.device, engine.dtype
-    plain.to(device, dtype).train()
-    plain_optimizer = build_optimizer(plain, cfg)
+    device, low_precision = engine.device, engine.dtype != torch.float32
+    plain.to(device).train()
+    if cfg.train.compile:
+        plain.compile_blocks()
+    plain_optimizer = build_optimizer(plain, cfg.optim, optimizer_choice(device.type, offload=False))
 
-    samples = int(args.seconds * 16_000)
-    audio = torch.randn(args.batch, samples, device=device, dtype=dtype)
-    mask = torch.from_numpy(span_mask(args.batch, cfg.model.num_frames(samples), rng=np.random.default_rng(0)))
+    batch, accum = cfg.data.batch_size, cfg.train.grad_accum
+    samples = int(seconds * 16_000)
+    audio = torch.randn(batch, samples, device=device)
+    mask = torch.from_numpy(span_mask(batch, cfg.model.num_frames(samples), rng=np.random.default_rng(0)))
     mask = mask.to(device)
 
-    def plain_step() -> None:
-        loss, _ = plain(audio, mask)
-        loss.backward()
+    def plain_update() -> None:
+        for _ in range(accum):
+            with torch.autocast(device.type, dtype=engine.dtype, enabled=low_precision):
+                loss, _ = plain(audio, mask)
+            (loss / accum).backward()
         plain_optimizer.step()
-        plain_optimizer.zero_grad(set_to_none=True)
+        plain_optimizer.zero_grad()
         plain.update_teacher(1)
 
-    def engine_step() -> None:
-        loss, _ = engine.forward(audio, mask)
-        engine.backward(loss)
-        engine.step()
+    def engine_update() -> None:
+        for _ in range(accum):
+            loss, _ = engine.forward(audio, mask)
+            engine.backward(loss)
+            engine.step()
         with engine.gathered(wrapped.encoder.transformer):
             wrapped.update_teacher(1)
 
-    return {"plain PyTorch": plain_step, "DeepSpeed engine": engine_step}, device, dtype
+    return {"plain PyTorch": plain_update, "DeepSpeed engine": engine_update}, device
+
+
+def median_times(updates: dict[str, Callable[[], None]], device: torch.device, iters: int) -> dict[str, float]:
+    for update in updates.values():
+        update()  # warm-up: allocator, kernels, compilation
+    times: dict[str, list[float]] = {name: [] for name in updates}
+    for _ in range(iters):
+        for name, update in updates.items():
+            synchronize(device)
+            started = time.perf_counter()
+            update()
+            synchronize(device)
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def update_flops(cfg: ExperimentConfig, seconds: float) -> float:
+    """FLOPs of one update (forward, the teacher's forward, backward) of an uncompiled twin: FlopCounterMode sees
+    only what runs through torch's dispatcher, which compiled kernels do not."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    model = Music2Vec(cfg.model).to(device).train()
+    samples = int(seconds * 16_000)
+    audio = torch.randn(cfg.data.batch_size, samples, device=device)
+    mask = torch.from_numpy(span_mask(cfg.data.batch_size, cfg.model.num_frames(samples))).to(device)
+    with FlopCounterMode(display=False) as counter, torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, _ = model(audio, mask)
+        loss.backward()
+    return counter.get_total_flops() * cfg.train.grad_accum
+
+
+def report_gpu(engine_seconds: float, cfg: ExperimentConfig, seconds: float) -> None:
+    """Peak memory, the MFU of the engine's update, and what that MFU projects for the paper's recipe on 8 A100s."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    print(f"  peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB allocated by tensors")
+    flops = update_flops(cfg, seconds)
+    peak = matmul_peak(device, torch.bfloat16, size=8192)
+    mfu = flops / engine_seconds / peak
+    print(f"  MFU: {flops / engine_seconds / 1e12:.1f} TFLOP/s of {peak / 1e12:.0f} measured bf16 peak = {mfu:.2f}")
+    crops = cfg.data.batch_size * cfg.train.grad_accum
+    flops_per_paper_update = flops / crops * PAPER_CROPS_PER_GPU * (5.0 / seconds)
+    days = PAPER_UPDATES * flops_per_paper_update / (mfu * A100_BF16_PEAK) / 86_400
+    print(
+        f"  at this MFU, {PAPER_UPDATES:,} updates of {PAPER_CROPS_PER_GPU} x 5 s per GPU on {PAPER_GPUS} A100s"
+        f" ({A100_BF16_PEAK / 1e12:.0f} TFLOP/s bf16) take {days:.2f} days (the paper: about 6)"
+    )
 
 
 def main() -> None:
@@ -74,36 +157,29 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--reduce", choices=["fp32", "bf16"], default="fp32", help="gradient reduction/accumulation")
+    parser.add_argument("--compile", action="store_true", help="train.compile for both loops")
+    parser.add_argument("--deterministic", action="store_true", help="train.deterministic for both loops")
     parser.add_argument("--iters", type=int, default=5)
     args = parser.parse_args()
-    steps, device, dtype = build_steps(args)
-
-    for step in steps.values():
-        step()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.iters):
-        for name, step in steps.items():
-            synchronize(device)
-            started = time.perf_counter()
-            step()
-            synchronize(device)
-            times[name].append(time.perf_counter() - started)
-    median = {name: statistics.median(values) for name, values in times.items()}
+    if args.deterministic:
+        use_deterministic_kernels()
+    cfg = experiment(args)
+    updates, device = build_updates(cfg, args.seconds)
+    median = median_times(updates, device, args.iters)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; {args.preset} preset, {args.precision}, ZeRO-{args.zero_stage}")
-    print(f"batch {args.batch} x {args.seconds:g} s, median of {args.iters} steps each")
+    options = [f"reduce {args.reduce}"] + [flag for flag in ("compile", "deterministic") if getattr(args, flag)]
+    print(f"device: {name}; {args.preset} preset, {args.precision}, ZeRO-{args.zero_stage}, {', '.join(options)}")
+    print(f"batch {args.batch} x {args.seconds:g} s x {args.grad_accum} micro-batches, median of {args.iters} updates")
     for label, seconds in median.items():
-        rate = args.batch * args.seconds / seconds
-        print(f"  {label:17} {seconds * 1e3:9.1f} ms/step  {rate:8.1f} audio-s/s per device")
+        rate = args.batch * args.grad_accum * args.seconds / seconds
+        print(f"  {label:17} {seconds * 1e3:9.1f} ms/update  {rate:8.1f} audio-s/s per device")
     overhead = median["DeepSpeed engine"] / median["plain PyTorch"] - 1
     print(f"  engine overhead: {overhead:+.1%} (goal <= +5%)")
     if device.type == "cuda":
-        with FlopCounterMode(display=False) as counter:
-            steps["plain PyTorch"]()
-        achieved = counter.get_total_flops() / median["DeepSpeed engine"]
-        peak = matmul_peak(device, dtype, size=8192)
-        print(f"  MFU: {achieved / 1e12:.1f} TFLOP/s of {peak / 1e12:.1f} measured peak = {achieved / peak:.2f}")
+        report_gpu(median["DeepSpeed engine"], cfg, args.seconds)
 
 
 if __name__ == "__main__":

@@ -180,6 +180,7 @@ def _probe_settings(args: argparse.Namespace) -> Any:
         head=replace(head, hidden=0) if getattr(args, "linear", False) else head,
         search=getattr(args, "search", None),
         layers=_layers(getattr(args, "layers", None)),
+        precision=args.precision,
         progress=sys.stderr.isatty(),  # a bar on a terminal; nothing in a job's log
     )
 
@@ -221,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_demo(commands: Any) -> None:
     demo = commands.add_parser(
-        "demo", help="the embedded default job: procedural music -> shards -> the tiny model trained on CPU -> probes"
+        "demo", help="the embedded default job: procedural music -> shards -> the tiny model trained -> probes"
     )
     demo.add_argument(
         "--out", default="runs/demo", help="folder for the corpus, shards and run (default: %(default)s)"
@@ -303,6 +304,12 @@ def _add_probe_settings(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="one head per seed (default: 0)")
     parser.add_argument("--cache-dir", help="feature cache (default: ~/.cache/music2vec/features)")
     parser.add_argument("--standardize", action="store_true", help="scale features with the train split (JukeMIR)")
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="the encoder's precision when extracting features; bf16 is faster on GPUs (default: %(default)s)",
+    )
 
 
 def _add_probe(commands: Any) -> None:
@@ -364,10 +371,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from cluster.environment import GPUUnavailableError
+
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        # Bad input: the message names the file, key or value; a traceback would only bury it.
+    except (ValueError, FileNotFoundError, FileExistsError, GPUUnavailableError) as error:
+        # Bad input or a node that cannot do what was asked: the message names the file, key, value or driver; a
+        # traceback would only bury it.
         parser.exit(2, f"music2vec {args.command}: error: {error}\n")
 
 

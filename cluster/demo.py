@@ -49,10 +49,11 @@ def run_demo(out: Path, *, clips: int, steps: int, probes: bool = True) -> Path:
     cfg = load_config(TINY, overrides)
     run_dir = Path(cfg.train.run_dir)
     done = latest_complete(run_dir)
+    device = None
     if done is None or done[0] != steps:  # a finished demo is only summarised again, without starting DeepSpeed
         init_distributed(from_environment())
-        train(cfg)
-    report(run_dir)
+        device = train(cfg).device
+    report(run_dir, device)
     if probes:
         report_probes(run_dir, probe_demo(cfg, out))
     return run_dir
@@ -95,11 +96,13 @@ def primary_scores(rows: list[dict[str, Any]], task: str, metric: str, *, step: 
     return f"{statistics.mean(values):.3f} ± {spread:.3f}"
 
 
-def report(run_dir: Path) -> None:
+def report(run_dir: Path, device: str | None) -> None:
+    """The run's summary; `device` is what it trained on, when this process trained it."""
     metrics = read_metrics(run_dir)
     first, last = metrics[0], metrics[-1]
+    where = f" on {device}" if device else ""
     print()
-    print(f"trained the tiny model for {last['step']} updates on CPU with DeepSpeed ZeRO-2")
+    print(f"trained the tiny model for {last['step']} updates{where} with DeepSpeed ZeRO-2")
     print(f"  loss        {first['loss']:.3f} at update 1 -> {last['loss']:.3f} at update {last['step']}")
     print(f"  target_var  {first['target_var']:.3f} -> {last['target_var']:.3f}")
     print(f"  throughput  {last['audio_seconds_per_s']:.0f} audio-seconds/s (last update)")

@@ -3,15 +3,19 @@
 torchrun and the deepspeed launcher export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; in a job that
 `music2vec launch` submitted, submitit derives them from SLURM's variables (or its local executor's); a plain
 `music2vec train` gets a one-rank world on a free local port. The process group uses NCCL on GPUs and gloo on CPU.
+
+A rank trains on a GPU whenever torch can use one. Where GPUs were asked for and torch cannot use any (a driver
+too old for this torch's CUDA, a CPU-only torch), the rank refuses to start instead of training on the CPU for days.
+torch is imported by the functions that need it: the CLI imports this module for its error type.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
-
-import torch
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -72,11 +76,96 @@ def from_submitit() -> DistributedEnvironment:
     )
 
 
-def init_distributed(env: DistributedEnvironment) -> None:
-    """Start the process group DeepSpeed uses (NCCL with one GPU per rank, gloo on CPU)."""
+# The oldest Linux driver each CUDA major version runs on (NVIDIA's minor version compatibility).
+MIN_DRIVER = {"11": "450.80.02", "12": "525.60.13", "13": "580.65.06"}
+NVIDIA_CONTROL_DEVICE = Path("/dev/nvidiactl")  # present where an NVIDIA driver is loaded
+NO_DEVICES = ("", "-1", "NoDevFiles")  # CUDA_VISIBLE_DEVICES values that hide every GPU
+
+
+class GPUUnavailableError(RuntimeError):
+    """GPUs were asked for, and this torch cannot use any of them."""
+
+
+def gpus_requested(
+    *,
+    job_gpus: int | None = None,
+    environ: Mapping[str, str] = os.environ,
+    control_device: Path = NVIDIA_CONTROL_DEVICE,
+) -> str | None:
+    """Why this rank is expected to train on a GPU, or None where the CPU is meant.
+
+    A launched job says it (`cluster.gpus_per_node`); otherwise CUDA_VISIBLE_DEVICES does (empty hides every GPU, the
+    way to train on the CPU on purpose), then SLURM's GPU allocation, then an NVIDIA driver on the node. Several ranks
+    on one machine are no evidence by themselves: CPU-only runs with several ranks are legitimate.
+    """
+    if job_gpus is not None:
+        return f"the job asked for {job_gpus} GPU(s) per node" if job_gpus > 0 else None
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return None if visible.strip() in NO_DEVICES else f"CUDA_VISIBLE_DEVICES={visible}"
+    if int(environ.get("SLURM_GPUS_ON_NODE", "0") or "0") > 0:
+        return f"SLURM allocated {environ['SLURM_GPUS_ON_NODE']} GPU(s) on this node"
+    if control_device.exists():
+        return f"this node has an NVIDIA driver ({control_device})"
+    return None
+
+
+def gpu_unavailable_message(requested_because: str) -> str:
+    """What a user needs when torch cannot use the GPUs they asked for: why not, and which driver this torch needs."""
+    import torch
+
+    cuda = torch.version.cuda
+    if cuda is None:
+        needs = f"torch {torch.__version__} is built without CUDA: install a CUDA build of torch"
+    else:
+        driver = MIN_DRIVER.get(cuda.split(".")[0], f"the one CUDA {cuda} names")
+        needs = (
+            f"torch {torch.__version__} is built for CUDA {cuda}, which needs an NVIDIA driver >= {driver}"
+            " (nvidia-smi shows the node's): update the driver, or install a torch built for an older CUDA"
+        )
+    return (
+        f"GPUs were asked for ({requested_because}) but torch cannot use any: {_cuda_failure()}. {needs}. To train on"
+        " the CPU on purpose, set CUDA_VISIBLE_DEVICES= (empty), or launch with --gpus-per-node 0"
+    )
+
+
+def _cuda_failure() -> str:
+    """The first line of torch's own reason for not initialising CUDA (no driver, a driver too old, no GPU)."""
+    import torch
+
+    try:
+        torch.cuda.init()
+    except (RuntimeError, AssertionError) as error:
+        return str(error).strip().splitlines()[0].rstrip(".")
+    return "no CUDA device is visible"
+
+
+def cuda_device_index(local_rank: int, local_world_size: int, visible: int) -> int:
+    """The GPU a rank uses among the `visible` ones: its local rank where every rank sees every GPU of the node; the
+    only one where the scheduler binds one GPU to each task (`--gpus-per-task`, cgroup binding)."""
+    if visible == 1:
+        return 0
+    if visible >= local_world_size and local_rank < visible:
+        return local_rank
+    raise GPUUnavailableError(
+        f"local rank {local_rank} of {local_world_size} sees {visible} GPUs: expected one GPU per task, or every"
+        " GPU of the node for every task; ask the scheduler for one task per GPU"
+    )
+
+
+def init_distributed(env: DistributedEnvironment, *, job_gpus: int | None = None) -> None:
+    """Start the process group DeepSpeed uses: NCCL with one GPU per rank, or gloo where the CPU is meant.
+
+    `job_gpus`: the GPUs per node a launched job asked for; None outside a job (the environment tells, see
+    `gpus_requested`). DeepSpeed learns the chosen GPU from the current device (see trainer.engine).
+    """
     import deepspeed
+    import torch
 
     env.export()
     if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank)
+        index = cuda_device_index(env.local_rank, env.local_world_size, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+    elif (reason := gpus_requested(job_gpus=job_gpus)) is not None:
+        raise GPUUnavailableError(gpu_unavailable_message(reason))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)

@@ -26,9 +26,12 @@ from trainer.config import ExperimentConfig
 
 
 class TrainingJob(submitit.helpers.Checkpointable):
-    def __init__(self, cfg: ExperimentConfig, *, workdir: str, allow_config_change: bool = False) -> None:
+    def __init__(
+        self, cfg: ExperimentConfig, *, workdir: str, gpus_per_node: int, allow_config_change: bool = False
+    ) -> None:
         self.cfg = cfg
         self.workdir = workdir  # relative paths in the config (run_dir, shards) mean what they meant at launch
+        self.gpus_per_node = gpus_per_node  # > 0: a rank that cannot use a GPU refuses to train on the CPU
         self.allow_config_change = allow_config_change
 
     def __call__(self) -> dict[str, Any]:
@@ -48,7 +51,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
 
         os.chdir(self.workdir)
         environment = from_submitit()
-        init_distributed(environment)
+        init_distributed(environment, job_gpus=self.gpus_per_node)
         run_dir = Path(self.cfg.train.run_dir)
         attempt = _AttemptLog(run_dir, enabled=environment.rank == 0)
         attempt.started(_step(latest_complete(run_dir)), world_size=environment.world_size)

@@ -180,7 +180,12 @@ def submit(plan: LaunchPlan, *, allow_config_change: bool) -> submitit.Job:
     else:
         executor = submitit.LocalExecutor(folder=folder, max_num_timeout=plan.cluster.max_requeues)
         executor.update_parameters(**local_parameters(plan.cluster))
-    job = TrainingJob(plan.experiment, workdir=str(plan.workdir), allow_config_change=allow_config_change)
+    job = TrainingJob(
+        plan.experiment,
+        workdir=str(plan.workdir),
+        gpus_per_node=plan.cluster.gpus_per_node,
+        allow_config_change=allow_config_change,
+    )
     submitted = executor.submit(job)
     attempts.record(
         plan.run_dir,

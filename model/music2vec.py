@@ -77,6 +77,17 @@ class Music2Vec(nn.Module):
             ffn_outputs = self.teacher.model(features).ffn_outputs
         return teacher_targets(ffn_outputs, self.cfg.average_top_k_layers)
 
+    def compile_blocks(self) -> None:
+        """torch.compile the blocks that do the work: the CNN and every transformer layer, of student and teacher.
+
+        Block by block rather than the whole forward: LayerDrop's choice of layers and the selection of masked frames
+        (a data-dependent shape) stay in plain Python between compiled blocks, so no update recompiles, and the
+        state_dict keys stay as they are.
+        """
+        self.encoder.feature_extractor.compile()
+        for layer in (*self.encoder.transformer.layers, *self.teacher.model.layers):
+            layer.compile()
+
     def update_teacher(self, step: int) -> float:
         """EMA step after the `step`-th optimizer update (step >= 1); returns the decay it used."""
         decay = ema_decay(

@@ -1,9 +1,10 @@
 """Frozen features: every hidden state of a checkpoint's encoder, mean-pooled over each 30 s window of a file.
 
-As MARBLE extracts them (spec §8.2) and as pretraining saw audio (spec §9, items 8 and 9): a file is decoded to 16
-kHz mono, normalised over the whole file, cut into 30 s non-overlapping windows (a last window under 1 s is
-dropped; a task can ask for whole windows only), and each window goes through the encoder alone, so nothing is
-padded. Features are cached per (checkpoint weights, task): trying another head never extracts twice.
+As MARBLE extracts them, and as pretraining saw audio: a file is decoded to 16 kHz mono, normalised over the whole
+file, and cut into 30 s non-overlapping windows (a last window under 1 s is dropped; a task can ask for whole windows
+only). Windows of equal length go through the encoder together, across files, so nothing is padded. Features are
+fp32 (bf16 autocast on request, PROBES.md says what it changes) and cached per (checkpoint weights, task, precision):
+trying another head never extracts twice.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -65,22 +67,40 @@ def default_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "music2vec" / "features"
 
 
+FeaturePrecision = Literal["fp32", "bf16"]
+
+
 def task_features(
-    checkpoint: Path, task: Task, examples: list[Example], *, cache: Path | None = None, progress: bool = True
+    checkpoint: Path,
+    task: Task,
+    examples: list[Example],
+    *,
+    cache: Path | None = None,
+    precision: FeaturePrecision = "fp32",
+    progress: bool = True,
 ) -> Features:
     """The features of every example, from the cache or extracted now (on the GPU when there is one)."""
     folder = model_folder(checkpoint)
-    path = (cache or default_cache()) / weights_digest(folder) / f"{task.name}.safetensors"
+    suffix = "" if precision == "fp32" else f".{precision}"
+    path = (cache or default_cache()) / weights_digest(folder) / f"{task.name}{suffix}.safetensors"
     files = [str(example.path) for example in examples]
-    identity = _identity(files, task.min_window_seconds)
+    identity = _identity(files, task.min_window_seconds, precision)
     # this task's entry, or another task's over the same files and windows (the demo tasks share their audio)
     others = sorted(stored for stored in path.parent.glob("*.safetensors") if stored != path)
     for stored_path in [path, *others]:
         if stored_path.is_file() and _stored_identity(stored_path) == identity:
             stored = load_file(stored_path)
             return Features(stored["values"], stored["example"])
-    encoder = load_hf(folder)
-    features = extract(encoder, files, min_window_seconds=task.min_window_seconds, progress=progress, desc=task.name)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = load_hf(folder).to(device)
+    features = extract(
+        encoder,
+        files,
+        min_window_seconds=task.min_window_seconds,
+        precision=precision,
+        progress=progress,
+        desc=task.name,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     tensors = {"values": features.values, "example": features.example, "files": _identity_tensor(identity)}
@@ -96,23 +116,45 @@ def extract(
     *,
     min_window_seconds: float = MIN_WINDOW_SECONDS,
     windows_per_batch: int = 8,
+    precision: FeaturePrecision = "fp32",
     progress: bool = True,
     desc: str = "features",
 ) -> Features:
-    """Every window of every file; a file's full 30 s windows go through the encoder together, its shorter last
-    window alone, so a batch never holds padding."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = encoder.to(device).eval()
-    values, owners = [], []
-    for index, file in enumerate(tqdm(files, desc=desc, unit="file", disable=not progress)):
-        cut = windows(normalized(decode_file(file).audio), min_window_seconds)
-        for batch in _equal_length_batches(cut, windows_per_batch):
-            hidden = encoder(torch.from_numpy(np.stack(batch)).to(device), None).hidden_states
-            values += torch.stack([state.mean(dim=1) for state in hidden], dim=1).float().cpu()  # (window, layer, dim)
-            owners += [index] * len(batch)
-    if not values:
+    """Every window of every file, on the device the encoder is on; the encoder is left as it was (in eval mode
+    while extracting). Windows of one length go through the encoder together across files (most windows are a
+    full 30 s); a batch never holds padding. `bf16` runs the encoder under bf16 autocast and pools in fp32."""
+    device = next(encoder.parameters()).device
+    pending: dict[int, list[tuple[int, np.ndarray]]] = {}  # window length -> (window number, window) to encode
+    pooled: dict[int, torch.Tensor] = {}  # window number -> (layer, dim)
+    owners: list[int] = []
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            for index, file in enumerate(tqdm(files, desc=desc, unit="file", disable=not progress)):
+                for window in windows(normalized(decode_file(file).audio), min_window_seconds):
+                    same_length = pending.setdefault(len(window), [])
+                    same_length.append((len(owners), window))
+                    owners.append(index)
+                    if len(same_length) == windows_per_batch:
+                        pooled |= _encode(encoder, pending.pop(len(window)), device)
+            for batch in pending.values():
+                pooled |= _encode(encoder, batch, device)
+    finally:
+        encoder.train(was_training)
+    if not owners:
         raise ValueError(f"no file had {min_window_seconds} s of audio to extract features from")
-    return Features(torch.stack(values), torch.tensor(owners, dtype=torch.int64))
+    return Features(torch.stack([pooled[number] for number in range(len(owners))]), torch.tensor(owners))
+
+
+def _encode(
+    encoder: Data2VecAudio, batch: list[tuple[int, np.ndarray]], device: torch.device
+) -> dict[int, torch.Tensor]:
+    """Every hidden state of each window, mean-pooled over frames in fp32: window number -> (layer, dim) on CPU."""
+    audio = torch.from_numpy(np.stack([window for _, window in batch])).to(device, non_blocking=True)
+    hidden = encoder(audio, None).hidden_states
+    pooled = torch.stack([state.float().mean(dim=1) for state in hidden], dim=1).cpu()  # (window, layer, dim)
+    return {number: features for (number, _), features in zip(batch, pooled, strict=True)}
 
 
 def normalized(audio: np.ndarray) -> np.ndarray:
@@ -126,19 +168,12 @@ def windows(audio: np.ndarray, min_window_seconds: float = MIN_WINDOW_SECONDS) -
     return [audio[start : start + size] for start in range(0, len(audio), size) if len(audio) - start >= minimum]
 
 
-def _equal_length_batches(cut: list[np.ndarray], size: int) -> list[list[np.ndarray]]:
-    batches: list[list[np.ndarray]] = []
-    for window in cut:
-        if batches and len(batches[-1]) < size and len(batches[-1][0]) == len(window):
-            batches[-1].append(window)
-        else:
-            batches.append([window])
-    return batches
-
-
-def _identity(files: list[str], min_window_seconds: float) -> str:
-    """What makes two extractions the same: the files, in order, and which windows were kept."""
-    return hashlib.sha256("\n".join([*files, f"min_window_seconds={min_window_seconds}"]).encode()).hexdigest()
+def _identity(files: list[str], min_window_seconds: float, precision: FeaturePrecision) -> str:
+    """What makes two extractions the same: the files, in order, which windows were kept, and the precision."""
+    settings = [f"min_window_seconds={min_window_seconds}"]
+    if precision != "fp32":  # fp32 entries keep the identity they had before bf16 existed
+        settings.append(f"precision={precision}")
+    return hashlib.sha256("\n".join([*files, *settings]).encode()).hexdigest()
 
 
 def _identity_tensor(identity: str) -> torch.Tensor:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from probes.datasets import demo, emomusic, giantsteps, gtzan, magnatagatune
-from probes.features import model_folder, task_features
+from probes.features import FeaturePrecision, model_folder, task_features
 from probes.head import HeadConfig, best_on_valid, jukemir_grid, lr_sweep
 from probes.tasks import Example, Task
 
@@ -47,6 +47,7 @@ class ProbeSettings:
     search: Literal["lr", "jukemir"] | None = None
     # one probe per hidden state (a layer-wise curve): their indices, or "all"; None: learned weights over 1..L
     layers: tuple[int, ...] | Literal["all"] | None = None
+    precision: FeaturePrecision = "fp32"  # bf16: the encoder under bf16 autocast (PROBES.md: what it changes)
     progress: bool = True
 
 
@@ -61,7 +62,9 @@ def probe(checkpoint: Path, tasks: list[str], settings: ProbeSettings) -> list[d
     for name in tasks:
         task, adapter = REGISTRY[name]
         examples = adapter(task, Path(settings.data_root))
-        features = task_features(folder, task, examples, cache=settings.cache, progress=settings.progress)
+        features = task_features(
+            folder, task, examples, cache=settings.cache, precision=settings.precision, progress=settings.progress
+        )
         for layer in _layers(settings.layers, hidden_states=features.values.shape[1]):
             for seed in settings.seeds:
                 head, result = best_on_valid(task, examples, features, seed=seed, heads=_candidates(settings, layer))
@@ -74,6 +77,7 @@ def probe(checkpoint: Path, tasks: list[str], settings: ProbeSettings) -> list[d
                         "value": value,
                         "primary": metric == task.monitor,
                         "seed": seed,
+                        "precision": settings.precision,
                         "head": asdict(head)
                         | {"lr": head.lr or task.lr, "epochs": result.epochs, "ensemble": result.ensemble},
                         "valid": result.valid[metric],

@@ -78,16 +78,30 @@ def test_features_are_cached_per_checkpoint_and_task(export, probe_data, tmp_pat
     assert torch.equal(again.values, first.values)
     direct = extract(model_folder_encoder(export), [str(examples[0].path)], progress=False)
     torch.testing.assert_close(direct.values[0], first.values[0])
+    bf16 = task_features(export, KEY, examples, cache=tmp_path, precision="bf16", progress=False)
+    assert not torch.equal(bf16.values, first.values)  # a precision of its own, not the fp32 entry
+    assert sorted(path.name for path in tmp_path.rglob("*.safetensors")) == [
+        "demo_key.bf16.safetensors",
+        "demo_key.safetensors",
+    ]
 
 
-def test_windows_of_a_file_batched_together_give_the_features_of_each_alone(export, tmp_path):
-    path = tmp_path / "long.flac"
-    sf.write(path, tone(65.0, SAMPLE_RATE, seed=3), SAMPLE_RATE)  # windows of 30, 30 and 5 s
-    encoder = model_folder_encoder(export)
-    batched = extract(encoder, [str(path)], progress=False)
-    alone = extract(encoder, [str(path)], windows_per_batch=1, progress=False)
-    assert batched.values.shape == (3, 5, 64)
+def test_windows_batched_across_files_give_the_features_of_each_alone(export, tmp_path):
+    lengths = {"long.flac": 65.0, "middle.flac": 35.0, "short.flac": 5.0}  # windows of 30+30+5, 30+5 and 5 s
+    paths = [tmp_path / name for name in lengths]
+    for seed, (path, seconds) in enumerate(zip(paths, lengths.values(), strict=True)):
+        sf.write(path, tone(seconds, SAMPLE_RATE, seed=seed), SAMPLE_RATE)
+    encoder = model_folder_encoder(export).train()
+    batched = extract(encoder, [str(p) for p in paths], progress=False)
+    alone = extract(encoder, [str(p) for p in paths], windows_per_batch=1, progress=False)
+    assert batched.values.shape == (6, 5, 64)
+    assert batched.example.tolist() == [0, 0, 0, 1, 1, 2]  # in file order, whatever batch a window went in
     torch.testing.assert_close(batched.values, alone.values, atol=1e-5, rtol=1e-4)
+    assert encoder.training  # the caller's encoder is left as it was
+
+    bf16 = extract(encoder, [str(p) for p in paths], precision="bf16", progress=False)
+    error = (bf16.values - batched.values).norm(dim=-1) / batched.values.norm(dim=-1)
+    assert 0 < error.max() < 0.05  # bf16 autocast really ran, and stayed close (PROBES.md has the measurement)
 
 
 def model_folder_encoder(export: Path) -> Data2VecAudio:

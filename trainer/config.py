@@ -54,6 +54,12 @@ class OptimConfig:
         _refuse([message for ok, message in checks if not ok])
 
 
+COMPILE_NEEDS_ZERO_1_OR_2 = (
+    "train.compile needs train.zero_stage 1 or 2: ZeRO-3 gathers and frees each layer's weights around its forward,"
+    " and the compiled layers recompile until torch gives up and runs them uncompiled"
+)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The run: where it writes, how big a step is, precision and ZeRO, logging, checkpoints and guards."""
@@ -65,6 +71,8 @@ class TrainConfig:
     offload: bool = False  # ZeRO optimizer state in CPU memory
     ds_config: str = ""  # a DeepSpeed JSON to start from; empty: ds_configs/zero{stage}[_offload].json
     seed: int = 1  # fairseq's default
+    compile: bool = False  # torch.compile the repeated blocks of student and teacher; needs a C compiler (Triton)
+    deterministic: bool = False  # deterministic GPU kernels, so resume is bitwise on GPUs too; slower (PERFORMANCE.md)
     log_every: int = 50
     checkpoint_every: int = 5_000
     keep_last: int = 3  # the newest checkpoints kept ...
@@ -78,6 +86,7 @@ class TrainConfig:
             (self.grad_accum >= 1, f"train.grad_accum={self.grad_accum} must be >= 1"),
             (self.zero_stage in (1, 2, 3), f"train.zero_stage={self.zero_stage} must be 1, 2 or 3"),
             (not self.offload or self.zero_stage in (2, 3), "train.offload needs train.zero_stage 2 or 3"),
+            (not self.compile or self.zero_stage in (1, 2), COMPILE_NEEDS_ZERO_1_OR_2),
             (self.log_every >= 1, f"train.log_every={self.log_every} must be >= 1"),
             (self.checkpoint_every >= 1, f"train.checkpoint_every={self.checkpoint_every} must be >= 1"),
             (self.keep_last >= 1, f"train.keep_last={self.keep_last} must be >= 1"),

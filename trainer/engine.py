@@ -5,30 +5,49 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Literal
 
 import deepspeed
 import torch
 from torch import Tensor
 
 from model import Music2Vec
-from trainer.config import ExperimentConfig
+from trainer.config import ExperimentConfig, OptimConfig
 from trainer.ds_config import deepspeed_config
 
+OptimizerChoice = Literal["torch_adamw_fused", "torch_adamw", "deepspeed_cpu_adam"]
 
-def build_optimizer(model: torch.nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
+
+def optimizer_choice(device_type: str, *, offload: bool) -> OptimizerChoice:
+    """Which AdamW implementation steps the weights.
+
+    - ZeRO-Offload keeps the optimizer state in CPU memory, where DeepSpeed insists on its own CPU Adam; DeepSpeed
+      builds it from C++ source when the run starts (`trainer.ds_config.check_offload_buildable` checks for a compiler
+      before anything starts);
+    - on a GPU, torch's fused AdamW: one kernel for all parameters, shipped compiled with torch, so a GPU node needs
+      no compiler (DeepSpeed's FusedAdam is compiled with nvcc at start, against this torch's CUDA);
+    - on the CPU, torch's multi-tensor AdamW.
+    """
+    if offload:
+        return "deepspeed_cpu_adam"
+    return "torch_adamw_fused" if device_type == "cuda" else "torch_adamw"
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig, choice: OptimizerChoice) -> torch.optim.Optimizer:
     """AdamW with decoupled weight decay on every parameter (data2vec defines no parameter groups)."""
-    o = cfg.optim
-    kwargs = {"lr": o.lr, "betas": o.betas, "eps": o.eps, "weight_decay": o.weight_decay}
-    if torch.cuda.is_available() and not cfg.train.offload:
-        from deepspeed.ops.adam import FusedAdam
-
-        return FusedAdam(model.parameters(), adam_w_mode=True, **kwargs)
-    if cfg.train.offload:
+    kwargs = {"lr": optim.lr, "betas": optim.betas, "eps": optim.eps, "weight_decay": optim.weight_decay}
+    if choice == "deepspeed_cpu_adam":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(model.parameters(), adamw_mode=True, **kwargs)
-    return torch.optim.AdamW(model.parameters(), **kwargs)
+    fused = True if choice == "torch_adamw_fused" else None  # None: torch's default, multi-tensor
+    return torch.optim.AdamW(model.parameters(), fused=fused, **kwargs)
+
+
+def current_device() -> torch.device:
+    """This rank's device: the GPU `cluster.environment.init_distributed` made current, or the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 class Engine:
@@ -36,8 +55,14 @@ class Engine:
 
     def __init__(self, model: Music2Vec, cfg: ExperimentConfig, world_size: int) -> None:
         self.config = deepspeed_config(cfg, world_size)
+        device = current_device()
+        optimizer = build_optimizer(model, cfg.optim, optimizer_choice(device.type, offload=cfg.train.offload))
+        if cfg.train.compile:
+            model.compile_blocks()
+        # DeepSpeed would take GPU number LOCAL_RANK, which does not exist where the scheduler binds one GPU per task.
+        args = SimpleNamespace(device_rank=device.index) if device.type == "cuda" else None
         self.ds, *_ = deepspeed.initialize(
-            model=model, optimizer=build_optimizer(model, cfg), config=self.config, dist_init_required=False
+            args=args, model=model, optimizer=optimizer, config=self.config, dist_init_required=False
         )
         self.model: Music2Vec = self.ds.module
         self.device = self.ds.device
@@ -69,7 +94,8 @@ class Engine:
         return None if norm is None else float(norm)
 
     def loss_scale(self) -> float | None:
-        return float(self.ds.loss_scale()) if self.ds.fp16_enabled() else None
+        """fp16's current dynamic loss scale (the engine's own `loss_scale()` is the configured one: 0 for dynamic)."""
+        return float(self.ds.optimizer.loss_scale) if self.ds.fp16_enabled() else None
 
     @contextlib.contextmanager
     def gathered(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
@@ -86,7 +112,13 @@ class Engine:
         if path is None:
             raise FileNotFoundError(f"{root / tag}: DeepSpeed found no checkpoint to load")
 
-    def memory(self) -> dict[str, Any]:
-        if torch.cuda.is_available():
-            return {"gpu_max_allocated_gb": torch.cuda.max_memory_allocated(self.device) / 2**30}
-        return {}
+    def memory(self) -> dict[str, float]:
+        """Peak GPU memory since the last call, in GiB: held by tensors, and reserved by torch's caching allocator."""
+        if self.device.type != "cuda":
+            return {}
+        peaks = {
+            "gpu_max_allocated_gb": torch.cuda.max_memory_allocated(self.device) / 2**30,
+            "gpu_max_reserved_gb": torch.cuda.max_memory_reserved(self.device) / 2**30,
+        }
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return peaks

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import resource
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,19 @@ from tqdm import tqdm
 class MetricsLog:
     """Accumulates per-update values and writes their means every `every` updates; silent on other ranks."""
 
-    def __init__(self, run_dir: Path, *, rank: int, every: int, start: int, total: int) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        rank: int,
+        every: int,
+        start: int,
+        total: int,
+        memory: Callable[[], dict[str, float]] = dict,
+    ) -> None:
         self.enabled = rank == 0
         self.every = every
+        self.memory = memory  # peak device memory since its last call, logged once per interval
         self.sums: dict[str, float] = defaultdict(float)
         self.count = 0
         if not self.enabled:
@@ -56,6 +67,8 @@ class MetricsLog:
                 flush=True,
             )
         self.writer.add_scalar("system/max_rss_gb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, step)
+        for name, value in self.memory().items():
+            self.writer.add_scalar(f"system/{name}", value, step)
         self.writer.flush()
         self.sums.clear()
         self.count = 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from model import Music2Vec, save_hf
 from trainer import checkpoint
 from trainer.collectives import reduce_scalar
 from trainer.config import ExperimentConfig, check_run_dir, save_config
+from trainer.ds_config import check_offload_buildable
 from trainer.engine import Engine
 from trainer.layout import latest_complete, tag
 from trainer.metrics import MetricsLog
@@ -43,12 +45,36 @@ class TrainSummary:
     last_loss: float | None
     audio_seconds_per_s: float
     stopped_by: str | None  # the signal or request that ended the run early, if any
+    device: str  # what rank 0 trained on, e.g. "cuda:0 (NVIDIA H200)" or "cpu"
 
 
 def check_runnable(cfg: ExperimentConfig) -> None:
     """What the config asks of this machine, checked before any process group or model exists."""
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("train.precision=fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or fp32 here")
+    check_offload_buildable(cfg)
+    if cfg.train.compile:
+        check_compile_toolchain(on_gpu=torch.cuda.is_available())
+
+
+def check_compile_toolchain(*, on_gpu: bool) -> None:
+    """torch.compile builds code when the run starts: a C launcher per kernel on GPUs (Triton), C++ on the CPU."""
+    variable, candidates = ("CC", ("cc", "gcc", "clang")) if on_gpu else ("CXX", ("c++", "g++", "clang++"))
+    named = os.environ.get(variable)
+    if not any(shutil.which(compiler) for compiler in ([named] if named else candidates)):
+        language = "C" if on_gpu else "C++"
+        raise ValueError(
+            f"train.compile=true needs a {language} compiler ({variable}, or one of {', '.join(candidates)} on PATH):"
+            " torch.compile builds its kernels when the run starts; install one, or set train.compile=false"
+        )
+
+
+def use_deterministic_kernels() -> None:
+    """Deterministic GPU kernels (CPU kernels already are), so that a resumed GPU run equals an uninterrupted one
+    bitwise. Costs speed: PERFORMANCE.md has the measurement."""
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # cuBLAS reduces in a fixed order; read when cuBLAS starts
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
 
 def train(cfg: ExperimentConfig, *, allow_config_change: bool = False, stop: StopFlag | None = None) -> TrainSummary:
@@ -57,7 +83,7 @@ def train(cfg: ExperimentConfig, *, allow_config_change: bool = False, stop: Sto
     rank, world_size = dist.get_rank(), dist.get_world_size()
     run_dir = Path(cfg.train.run_dir)
     prepare_run_dir(cfg, run_dir, rank=rank, allow_config_change=allow_config_change)
-    seed_everything(cfg.train.seed, rank)
+    seed_everything(cfg.train.seed, rank, deterministic=cfg.train.deterministic)
     model = Music2Vec(cfg.model)
     engine = Engine(model, cfg, world_size)
     crop_samples = round(cfg.data.crop_seconds * SAMPLE_RATE)
@@ -65,7 +91,9 @@ def train(cfg: ExperimentConfig, *, allow_config_change: bool = False, stop: Sto
     start = updates = resume(run_dir, engine, loader, rank=rank, digest=cfg.digest())
     if rank == 0:
         (run_dir / "ds_config.json").write_text(json.dumps(engine.config, indent=2) + "\n")
-    log = MetricsLog(run_dir, rank=rank, every=cfg.train.log_every, start=updates, total=cfg.optim.max_updates)
+    log = MetricsLog(
+        run_dir, rank=rank, every=cfg.train.log_every, start=updates, total=cfg.optim.max_updates, memory=engine.memory
+    )
     stop = stop or StopFlag()
     stop.install()
 
@@ -113,7 +141,11 @@ def train(cfg: ExperimentConfig, *, allow_config_change: bool = False, stop: Sto
     log.close(updates)
     first, last = (losses[0], losses[-1]) if losses else (None, None)
     rate = update.overall_rate(world_size)
-    return TrainSummary(run_dir, start, updates, first, last, rate, stopped_by=stop.reason)
+    return TrainSummary(run_dir, start, updates, first, last, rate, stop.reason, device=describe(engine.device))
+
+
+def describe(device: torch.device) -> str:
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
 
 
 def lr_at(cfg: ExperimentConfig, updates_done: int) -> float:
@@ -210,8 +242,11 @@ def check_collapse(cfg: ExperimentConfig, updates: int, target_var: float) -> No
         )
 
 
-def seed_everything(seed: int, rank: int) -> None:
-    """The same CPU seed on every rank: LayerDrop draws from it and all ranks must skip the same layers."""
+def seed_everything(seed: int, rank: int, *, deterministic: bool = False) -> None:
+    """The same CPU seed on every rank: LayerDrop draws from it and all ranks must skip the same layers.
+    `deterministic`: deterministic GPU kernels too (`use_deterministic_kernels`)."""
+    if deterministic:
+        use_deterministic_kernels()
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed(seed + rank)  # dropout on GPUs differs across ranks, as with fairseq's seeds

@@ -25,6 +25,7 @@ from data.audio import SAMPLE_RATE
 from data.loader import check_shard_count, shard_urls
 from trainer.config import ExperimentConfig, check_run_dir
 from trainer.ds_config import deepspeed_config
+from trainer.toolchain import check_toolchain
 
 # Job states (squeue / sacct) under which a job may still write into its run directory.
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "SUSPENDED"}
@@ -50,6 +51,7 @@ def plan_launch(experiment: ExperimentConfig, cluster: ClusterConfig, *, allow_c
     shards = reachable_shards(experiment)
     check_shard_count(shards, experiment.data, cluster.world_size)
     deepspeed_config(experiment, cluster.world_size)  # a template contradicting this world size fails here
+    check_toolchain(experiment, on_gpu=cluster.gpus_per_node > 0)  # the login node stands in for the job's nodes
     plan = LaunchPlan(experiment, cluster, shards, Path.cwd())
     check_run_dir(experiment, plan.run_dir, allow_config_change=allow_config_change)
     check_writable(plan.run_dir)

@@ -9,9 +9,6 @@ trainer from `optim.*`, so a template must not define them.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -72,31 +69,3 @@ def _fill(config: dict[str, Any], dotted: str, value: Any, path: Path) -> None:
             ' set it to "auto" and change the experiment config instead'
         )
     node[leaf] = value
-
-
-def check_offload_buildable(cfg: ExperimentConfig) -> None:
-    """ZeRO-Offload steps with DeepSpeed's CPU Adam, which DeepSpeed compiles from C++ when the run starts (unless it
-    was installed prebuilt, DS_BUILD_CPU_ADAM=1). Refused here, before anything is queued, where it cannot be built."""
-    if not cfg.train.offload:
-        return
-    from deepspeed.git_version_info import installed_ops
-
-    if installed_ops.get("cpu_adam"):
-        return
-    compiler = os.environ.get("CXX", "c++")
-    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
-    missing = [
-        what
-        for what, present in (
-            (f"a C++ compiler ({compiler}; CXX names another)", shutil.which(compiler)),
-            ("ninja on PATH (pip install ninja)", shutil.which("ninja")),
-            (f"Python's headers ({headers})", headers.is_file()),
-        )
-        if not present
-    ]
-    if missing:
-        raise ValueError(
-            "train.offload=true: DeepSpeed compiles its CPU Adam from C++ when the run starts, and this machine lacks "
-            + ", ".join(missing)
-            + "; install them, or DeepSpeed with DS_BUILD_CPU_ADAM=1, or set train.offload=false"
-        )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,12 +23,12 @@ from model import Music2Vec, save_hf
 from trainer import checkpoint
 from trainer.collectives import reduce_scalar
 from trainer.config import ExperimentConfig, check_run_dir, save_config
-from trainer.ds_config import check_offload_buildable
 from trainer.engine import Engine
 from trainer.layout import latest_complete, tag
 from trainer.metrics import MetricsLog
 from trainer.schedule import tri_stage_lr
 from trainer.stop import StopFlag
+from trainer.toolchain import check_toolchain
 
 
 class TrainingAbortedError(RuntimeError):
@@ -52,21 +51,7 @@ def check_runnable(cfg: ExperimentConfig) -> None:
     """What the config asks of this machine, checked before any process group or model exists."""
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("train.precision=fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or fp32 here")
-    check_offload_buildable(cfg)
-    if cfg.train.compile:
-        check_compile_toolchain(on_gpu=torch.cuda.is_available())
-
-
-def check_compile_toolchain(*, on_gpu: bool) -> None:
-    """torch.compile builds code when the run starts: a C launcher per kernel on GPUs (Triton), C++ on the CPU."""
-    variable, candidates = ("CC", ("cc", "gcc", "clang")) if on_gpu else ("CXX", ("c++", "g++", "clang++"))
-    named = os.environ.get(variable)
-    if not any(shutil.which(compiler) for compiler in ([named] if named else candidates)):
-        language = "C" if on_gpu else "C++"
-        raise ValueError(
-            f"train.compile=true needs a {language} compiler ({variable}, or one of {', '.join(candidates)} on PATH):"
-            " torch.compile builds its kernels when the run starts; install one, or set train.compile=false"
-        )
+    check_toolchain(cfg, on_gpu=torch.cuda.is_available())
 
 
 def use_deterministic_kernels() -> None:

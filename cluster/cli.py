@@ -52,8 +52,9 @@ def _train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         ended = f"stopped by {summary.stopped_by}" if summary.stopped_by else "done"
         print(
-            f"{ended}: updates {summary.start_step} -> {summary.end_step}, loss {summary.first_loss} ->"
-            f" {summary.last_loss}, {summary.audio_seconds_per_s:.0f} audio-s/s; run directory {summary.run_dir}"
+            f"{ended} on {summary.device}: updates {summary.start_step} -> {summary.end_step},"
+            f" loss {summary.first_loss} -> {summary.last_loss}, {summary.audio_seconds_per_s:.0f} audio-s/s;"
+            f" run directory {summary.run_dir}"
         )
     return 0
 
@@ -92,7 +93,7 @@ def _wait(job: Any) -> int:
         )
         return 1
     ended = f"stopped by {summary['stopped_by']}" if summary["stopped_by"] else "done"
-    print(f"job {job.job_id} {ended}: updates {summary['start_step']} -> {summary['end_step']}")
+    print(f"job {job.job_id} {ended} on {summary['device']}: updates {summary['start_step']} -> {summary['end_step']}")
     return 0
 
 

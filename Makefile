@@ -1,9 +1,11 @@
 # The two set-up commands: `make demo` and `make test`. Both create .venv when it is missing.
+# On a GPU machine: `make gpu-check` (wheels from `make gpu-wheels`, run where there is network).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+GPU_WHEELS := .gpu-wheels
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean gpu-wheels gpu-check
 
 demo: $(VENV)/.installed
 	$(BIN)/music2vec demo
@@ -27,5 +29,13 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -e '.[test,dev]'
 	touch $@ $(VENV)/.installed
 
+# Wheels of the dependencies a GPU machine's Python 3.12 lacks (it has torch and cannot reach PyPI).
+gpu-wheels: $(VENV)/.installed-test
+	$(BIN)/python bench/gpu_wheels.py --out $(GPU_WHEELS)
+
+# The GPU acceptance suite, with $(PYTHON) the machine's own Python (its torch); results in $$OUT or gpu-check/.
+gpu-check:
+	$(PYTHON) bench/gpu_check.py --wheels $(GPU_WHEELS) --out $${OUT:-gpu-check}
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache $(GPU_WHEELS) .gpu-venv gpu-check

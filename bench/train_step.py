@@ -3,16 +3,21 @@
 Both do forward and backward of every micro-batch, an AdamW update (the same implementation, `optimizer_choice`) and
 the EMA teacher update. The plain loop trains in bf16 the way plain PyTorch does, fp32 weights under bf16 autocast;
 the engine adds ZeRO's gradient buckets, bf16 weights with an fp32 master copy, and its step boundary logic. Updates
-alternate between the two so that load elsewhere on the machine hits both alike. The goal: engine overhead <= 5 %.
+alternate so that load elsewhere on the machine hits all alike. The goal: engine overhead <= 5 %.
 
-Also printed: audio-seconds/s per device, peak GPU memory, and on a GPU the model FLOP utilisation (MFU, the
-teacher's forward counted) against a bf16 matmul measured in the same run, with the wall-clock that MFU projects for
-the paper's recipe (400k updates of 96 crops x 5 s per GPU) on 8 A100s.
+`--versus` adds a third twin, the engine with one option changed, timed in the same rotation, so its cost is a ratio
+against the engine measured in the same run: `compile` (train.compile), `deterministic` (train.deterministic; the
+cuBLAS workspace setting it needs is then in force for every twin), `bf16-reduce` (gradients reduced and accumulated
+in bf16, DeepSpeed's default, instead of the templates' fp32; give --grad-accum 2 or more).
+
+Also printed: audio-seconds/s per device, peak GPU memory, and on a GPU the model FLOP utilisation (MFU, the teacher's
+forward counted) against a bf16 matmul measured in the same run, with the wall-clock that MFU projects for the
+paper's recipe (400k updates of 96 crops x 5 s per GPU) on 8 A100s.
 
     python bench/train_step.py                                      # CPU: base, fp32, 2 x 5 s
     python bench/train_step.py --precision bf16 --batch 96          # GPU: the paper's per-GPU batch
-    python bench/train_step.py --precision bf16 --batch 96 --reduce bf16  # the cost of fp32 gradient accumulation
-    python bench/train_step.py --precision bf16 --batch 96 --compile      # or --deterministic
+    python bench/train_step.py --precision bf16 --batch 96 --versus compile
+    python bench/train_step.py --precision bf16 --batch 48 --grad-accum 2 --versus bf16-reduce
 """
 
 from __future__ import annotations
@@ -43,66 +48,102 @@ from trainer.train import use_deterministic_kernels
 
 A100_BF16_PEAK = 312e12  # dense bf16 FLOP/s of an A100's tensor cores (NVIDIA's datasheet)
 PAPER_UPDATES, PAPER_CROPS_PER_GPU, PAPER_GPUS = 400_000, 96, 8
+ENGINE = "DeepSpeed engine"
 
 
-def experiment(args: argparse.Namespace) -> ExperimentConfig:
+def experiment(args: argparse.Namespace, *, compile_: bool = False, bf16_reduce: bool = False) -> ExperimentConfig:
     overrides = [
         f"model.preset={args.preset}",
-        "model.layerdrop=0.0",  # both loops do the same work every update
+        "model.layerdrop=0.0",  # every twin does the same work every update
         f"data.batch_size={args.batch}",
         f"train.precision={args.precision}",
         f"train.zero_stage={args.zero_stage}",
         f"train.grad_accum={args.grad_accum}",
-        f"train.compile={str(args.compile).lower()}",
+        f"train.compile={str(compile_).lower()}",
     ]
-    if args.reduce == "bf16":  # the template without its fp32 reduction and accumulation: DeepSpeed's default
+    if bf16_reduce:  # the template without its fp32 reduction and accumulation
         template = json.loads(template_path(load_config(None, overrides)).read_text())
-        template.pop("communication_data_type")
-        template.pop("data_types")
+        del template["communication_data_type"], template["data_types"]
         path = Path(tempfile.mkdtemp()) / "bf16_reduce.json"
         path.write_text(json.dumps(template))
         overrides.append(f"train.ds_config={path}")
     return load_config(None, overrides)
 
 
-def build_updates(cfg: ExperimentConfig, seconds: float) -> tuple[dict[str, Callable[[], None]], torch.device]:
-    """Two update functions over twin models with the same weights: one plain, one inside our DeepSpeed engine."""
-    init_distributed(from_environment())
+class Batch:
+    def __init__(self, cfg: ExperimentConfig, seconds: float, device: torch.device) -> None:
+        samples = int(seconds * 16_000)
+        size = cfg.data.batch_size
+        self.audio = torch.randn(size, samples, device=device)
+        mask = span_mask(size, cfg.model.num_frames(samples), rng=np.random.default_rng(0))
+        self.mask = torch.from_numpy(mask).to(device)
+
+
+def engine_update(cfg: ExperimentConfig, batch: Batch, weights: dict[str, torch.Tensor]) -> Callable[[], None]:
     torch.manual_seed(0)
-    plain = Music2Vec(cfg.model)
-    wrapped = Music2Vec(cfg.model)
-    wrapped.load_state_dict(plain.state_dict())
-    engine = Engine(wrapped, cfg, world_size=1)
-    device, low_precision = engine.device, engine.dtype != torch.float32
+    model = Music2Vec(cfg.model)
+    model.load_state_dict(weights)
+    engine = Engine(model, cfg, world_size=1)
+
+    def update() -> None:
+        for _ in range(cfg.train.grad_accum):
+            loss, _ = engine.forward(batch.audio, batch.mask)
+            engine.backward(loss)
+            engine.step()
+        with engine.gathered(model.encoder.transformer):
+            model.update_teacher(1)
+
+    return update
+
+
+def plain_update(cfg: ExperimentConfig, batch: Batch, plain: Music2Vec) -> Callable[[], None]:
+    device = batch.audio.device
     plain.to(device).train()
     if cfg.train.compile:
         plain.compile_blocks()
-    plain_optimizer = build_optimizer(plain, cfg.optim, optimizer_choice(device.type, offload=False))
+    optimizer = build_optimizer(plain, cfg.optim, optimizer_choice(device.type, offload=False))
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.train.precision]
 
-    batch, accum = cfg.data.batch_size, cfg.train.grad_accum
-    samples = int(seconds * 16_000)
-    audio = torch.randn(batch, samples, device=device)
-    mask = torch.from_numpy(span_mask(batch, cfg.model.num_frames(samples), rng=np.random.default_rng(0)))
-    mask = mask.to(device)
-
-    def plain_update() -> None:
-        for _ in range(accum):
-            with torch.autocast(device.type, dtype=engine.dtype, enabled=low_precision):
-                loss, _ = plain(audio, mask)
-            (loss / accum).backward()
-        plain_optimizer.step()
-        plain_optimizer.zero_grad()
+    def update() -> None:
+        for _ in range(cfg.train.grad_accum):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                loss, _ = plain(batch.audio, batch.mask)
+            (loss / cfg.train.grad_accum).backward()
+        optimizer.step()
+        optimizer.zero_grad()
         plain.update_teacher(1)
 
-    def engine_update() -> None:
-        for _ in range(accum):
-            loss, _ = engine.forward(audio, mask)
-            engine.backward(loss)
-            engine.step()
-        with engine.gathered(wrapped.encoder.transformer):
-            wrapped.update_teacher(1)
+    return update
 
-    return {"plain PyTorch": plain_update, "DeepSpeed engine": engine_update}, device
+
+def deterministic(update: Callable[[], None]) -> Callable[[], None]:
+    def wrapped() -> None:
+        torch.use_deterministic_algorithms(True)
+        try:
+            update()
+        finally:
+            torch.use_deterministic_algorithms(False)
+
+    return wrapped
+
+
+def build_updates(args: argparse.Namespace) -> tuple[dict[str, Callable[[], None]], ExperimentConfig, torch.device]:
+    """Update functions over twin models with the same weights: plain, the engine, and the engine's variant."""
+    init_distributed(from_environment())
+    cfg = experiment(args)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    torch.manual_seed(0)
+    plain = Music2Vec(cfg.model)
+    batch = Batch(cfg, args.seconds, device)
+    updates = {"plain PyTorch": plain_update(cfg, batch, plain), ENGINE: engine_update(cfg, batch, plain.state_dict())}
+    if args.versus == "compile":
+        updates[f"{ENGINE}, compiled"] = engine_update(experiment(args, compile_=True), batch, plain.state_dict())
+    elif args.versus == "bf16-reduce":
+        variant = experiment(args, bf16_reduce=True)
+        updates[f"{ENGINE}, bf16 reduce"] = engine_update(variant, batch, plain.state_dict())
+    elif args.versus == "deterministic":
+        updates[f"{ENGINE}, deterministic"] = deterministic(engine_update(cfg, batch, plain.state_dict()))
+    return updates, cfg, device
 
 
 def median_times(updates: dict[str, Callable[[], None]], device: torch.device, iters: int) -> dict[str, float]:
@@ -124,11 +165,9 @@ def update_flops(cfg: ExperimentConfig, seconds: float) -> float:
     only what runs through torch's dispatcher, which compiled kernels do not."""
     device = torch.device("cuda", torch.cuda.current_device())
     model = Music2Vec(cfg.model).to(device).train()
-    samples = int(seconds * 16_000)
-    audio = torch.randn(cfg.data.batch_size, samples, device=device)
-    mask = torch.from_numpy(span_mask(cfg.data.batch_size, cfg.model.num_frames(samples))).to(device)
+    batch = Batch(cfg, seconds, device)
     with FlopCounterMode(display=False) as counter, torch.autocast("cuda", dtype=torch.bfloat16):
-        loss, _ = model(audio, mask)
+        loss, _ = model(batch.audio, batch.mask)
         loss.backward()
     return counter.get_total_flops() * cfg.train.grad_accum
 
@@ -136,7 +175,7 @@ def update_flops(cfg: ExperimentConfig, seconds: float) -> float:
 def report_gpu(engine_seconds: float, cfg: ExperimentConfig, seconds: float) -> None:
     """Peak memory, the MFU of the engine's update, and what that MFU projects for the paper's recipe on 8 A100s."""
     device = torch.device("cuda", torch.cuda.current_device())
-    print(f"  peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB allocated by tensors")
+    print(f"  peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB allocated (all twins)")
     flops = update_flops(cfg, seconds)
     peak = matmul_peak(device, torch.bfloat16, size=8192)
     mfu = flops / engine_seconds / peak
@@ -158,28 +197,27 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--zero-stage", type=int, default=2)
     parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--reduce", choices=["fp32", "bf16"], default="fp32", help="gradient reduction/accumulation")
-    parser.add_argument("--compile", action="store_true", help="train.compile for both loops")
-    parser.add_argument("--deterministic", action="store_true", help="train.deterministic for both loops")
+    parser.add_argument("--versus", choices=["compile", "deterministic", "bf16-reduce"], help="a third twin")
     parser.add_argument("--iters", type=int, default=5)
     args = parser.parse_args()
-    if args.deterministic:
-        use_deterministic_kernels()
-    cfg = experiment(args)
-    updates, device = build_updates(cfg, args.seconds)
+    if args.versus == "deterministic":
+        use_deterministic_kernels()  # the cuBLAS workspace setting must precede cuBLAS's start
+        torch.use_deterministic_algorithms(False)  # ... while only the variant's updates are deterministic
+    updates, cfg, device = build_updates(args)
     median = median_times(updates, device, args.iters)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    options = [f"reduce {args.reduce}"] + [flag for flag in ("compile", "deterministic") if getattr(args, flag)]
-    print(f"device: {name}; {args.preset} preset, {args.precision}, ZeRO-{args.zero_stage}, {', '.join(options)}")
+    print(f"device: {name}; {args.preset} preset, {args.precision}, ZeRO-{args.zero_stage}")
     print(f"batch {args.batch} x {args.seconds:g} s x {args.grad_accum} micro-batches, median of {args.iters} updates")
     for label, seconds in median.items():
         rate = args.batch * args.grad_accum * args.seconds / seconds
-        print(f"  {label:17} {seconds * 1e3:9.1f} ms/update  {rate:8.1f} audio-s/s per device")
-    overhead = median["DeepSpeed engine"] / median["plain PyTorch"] - 1
+        print(f"  {label:34} {seconds * 1e3:9.1f} ms/update  {rate:8.1f} audio-s/s per device")
+    overhead = median[ENGINE] / median["plain PyTorch"] - 1
     print(f"  engine overhead: {overhead:+.1%} (goal <= +5%)")
+    for label in [label for label in median if label.startswith(f"{ENGINE},")]:
+        print(f"  {label.removeprefix(f'{ENGINE}, ')} / engine: {median[label] / median[ENGINE]:.3f}")
     if device.type == "cuda":
-        report_gpu(median["DeepSpeed engine"], cfg, args.seconds)
+        report_gpu(median[ENGINE], cfg, args.seconds)
 
 
 if __name__ == "__main__":

@@ -94,15 +94,15 @@ def gpus_requested(
 ) -> str | None:
     """Why this rank is expected to train on a GPU, or None where the CPU is meant.
 
-    A launched job says it (`cluster.gpus_per_node`); otherwise CUDA_VISIBLE_DEVICES does (empty hides every GPU, the
-    way to train on the CPU on purpose), then SLURM's GPU allocation, then an NVIDIA driver on the node. Several ranks
-    on one machine are no evidence by themselves: CPU-only runs with several ranks are legitimate.
+    A launched job says it (`cluster.gpus_per_node`). Otherwise an empty CUDA_VISIBLE_DEVICES means the CPU on purpose,
+    and SLURM's GPU allocation or an NVIDIA driver on the node mean GPUs. A listed CUDA_VISIBLE_DEVICES is no evidence:
+    the deepspeed launcher lists `--num_gpus` devices on CPU-only machines too; nor are several ranks on one machine:
+    CPU-only runs with several ranks are legitimate.
     """
     if job_gpus is not None:
         return f"the job asked for {job_gpus} GPU(s) per node" if job_gpus > 0 else None
-    visible = environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return None if visible.strip() in NO_DEVICES else f"CUDA_VISIBLE_DEVICES={visible}"
+    if environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in NO_DEVICES:
+        return None
     if int(environ.get("SLURM_GPUS_ON_NODE", "0") or "0") > 0:
         return f"SLURM allocated {environ['SLURM_GPUS_ON_NODE']} GPU(s) on this node"
     if control_device.exists():

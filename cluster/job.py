@@ -41,6 +41,8 @@ class TrainingJob(submitit.helpers.Checkpointable):
         submitit_requeue = signal.getsignal(requeue_signal)
         stop = StopFlag()
         stop.install()  # first thing: from here on, a signal only asks the loop to checkpoint and stop
+        if self.gpus_per_node == 0:  # a CPU job: GPUs the node does not hide from it belong to others
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
         import torch.distributed as dist  # the heavy imports come after: they take seconds
 

@@ -24,10 +24,11 @@ needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="shows what 
     [
         (8, {}, False, "the job asked for 8 GPU(s) per node"),
         (0, {"CUDA_VISIBLE_DEVICES": "0"}, True, None),  # a CPU job says so, whatever the node has
-        (None, {"CUDA_VISIBLE_DEVICES": "0,1"}, False, "CUDA_VISIBLE_DEVICES=0,1"),
+        (None, {"CUDA_VISIBLE_DEVICES": "0,1"}, False, None),  # the deepspeed launcher sets it on CPUs too
         (None, {"CUDA_VISIBLE_DEVICES": ""}, True, None),  # the way to train on the CPU on purpose
         (None, {"CUDA_VISIBLE_DEVICES": "-1"}, True, None),
         (None, {"SLURM_GPUS_ON_NODE": "4"}, False, "SLURM allocated 4 GPU(s) on this node"),
+        (None, {"SLURM_GPUS_ON_NODE": "4", "CUDA_VISIBLE_DEVICES": ""}, False, None),
         (None, {}, True, "this node has an NVIDIA driver"),
         (None, {"LOCAL_WORLD_SIZE": "2"}, False, None),  # several ranks on a CPU machine are a CPU run
     ],
@@ -63,11 +64,10 @@ def test_a_layout_with_too_few_gpus_for_the_ranks_is_refused():
 def test_gpus_asked_for_but_unusable_stop_training_before_it_starts(demo_shards, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [MUSIC2VEC, "train", TINY, f"data.shards={demo_shards}", f"train.run_dir={run_dir}"]
-    result = subprocess.run(
-        cmd, capture_output=True, text=True, check=False, env=os.environ | {"CUDA_VISIBLE_DEVICES": "0"}
-    )
+    gpu_job = os.environ | {"SLURM_GPUS_ON_NODE": "1"}  # what SLURM exports in a job step given a GPU
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False, env=gpu_job)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "GPUs were asked for (CUDA_VISIBLE_DEVICES=0) but torch cannot use any" in result.stderr
+    assert "GPUs were asked for (SLURM allocated 1 GPU(s) on this node) but torch cannot use any" in result.stderr
     if torch.version.cuda:
         assert f"built for CUDA {torch.version.cuda}, which needs an NVIDIA driver >=" in result.stderr
     assert "set CUDA_VISIBLE_DEVICES= (empty)" in result.stderr

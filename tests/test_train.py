@@ -82,7 +82,7 @@ def test_a_run_writes_checkpoints_exports_metrics_and_tensorboard(straight):
 
 def test_killed_run_resumes_exactly(demo_shards, straight, tmp_path):
     """kill -9 after the step-8 checkpoint, run the same command again: same losses, same weights. With
-    train.deterministic, as a GPU run must be for this; on a CPU it changes nothing (`straight` runs without it)."""
+    train.deterministic, as a GPU run needs for this; on a CPU it changes nothing (`straight` runs without it)."""
     cmd = command(demo_shards, tmp_path, "train.deterministic=true")
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:

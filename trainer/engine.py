@@ -23,8 +23,8 @@ def optimizer_choice(device_type: str, *, offload: bool) -> OptimizerChoice:
     """Which AdamW implementation steps the weights.
 
     - ZeRO-Offload keeps the optimizer state in CPU memory, where DeepSpeed insists on its own CPU Adam; DeepSpeed
-      builds it from C++ source when the run starts (`trainer.ds_config.check_offload_buildable` checks for a compiler
-      before anything starts);
+      builds it from C++ source when the run starts (`trainer.toolchain` checks for a compiler before anything
+      starts);
     - on a GPU, torch's fused AdamW: one kernel for all parameters, shipped compiled with torch, so a GPU node needs
       no compiler (DeepSpeed's FusedAdam is compiled with nvcc at start, against this torch's CUDA);
     - on the CPU, torch's multi-tensor AdamW.

@@ -9,7 +9,7 @@ prints the table. A check that does not fit in what is left of --budget is liste
 Without a GPU it rehearses on the CPU: every check that can run does, the GPU-only ones are listed as skipped.
 
     python3 bench/gpu_check.py --out $OUT                                  # on the GPU machine: everything
-    python3 bench/gpu_check.py --out /tmp/check --only install,environment,train --quick   # a part, one config each
+    python3 bench/gpu_check.py --out /tmp/check --only train,resume --quick    # some checks, one configuration each
 """
 
 from __future__ import annotations
@@ -105,11 +105,11 @@ def run(cmd: list[str], *, env: dict[str, str] | None = None, timeout: float = 6
     return result
 
 
-def train_command(ctx: Context, run_dir: Path, *overrides: str, config: Path = TINY) -> list[str]:
+def train_command(ctx: Context, run_dir: Path, *overrides: str) -> list[str]:
     return [
         ctx.music2vec,
         "train",
-        str(config),
+        str(TINY),
         f"data.shards={ctx.tiny_shards}",
         f"train.run_dir={run_dir}",
         f"train.precision={ctx.precision}",
@@ -118,8 +118,9 @@ def train_command(ctx: Context, run_dir: Path, *overrides: str, config: Path = T
 
 
 def metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+    from trainer.metrics import read_metrics  # inside a check's process: the orchestrator imports only the stdlib
+
+    return read_metrics(run_dir)
 
 
 def falling(losses: list[float]) -> bool:

@@ -122,7 +122,9 @@ def extract(
 ) -> Features:
     """Every window of every file, on the device the encoder is on; the encoder is left as it was (in eval mode
     while extracting). Windows of one length go through the encoder together across files (most windows are a
-    full 30 s); a batch never holds padding. `bf16` runs the encoder under bf16 autocast and pools in fp32."""
+    full 30 s); a batch never holds padding, and no more than twice a batch waits for company (a dataset whose clips
+    all differ by a few samples, as MagnaTagATune's do, would otherwise be held in memory whole). `bf16` runs the
+    encoder under bf16 autocast and pools in fp32."""
     device = next(encoder.parameters()).device
     pending: dict[int, list[tuple[int, np.ndarray]]] = {}  # window length -> (window number, window) to encode
     pooled: dict[int, torch.Tensor] = {}  # window number -> (layer, dim)
@@ -138,6 +140,8 @@ def extract(
                     owners.append(index)
                     if len(same_length) == windows_per_batch:
                         pooled |= _encode(encoder, pending.pop(len(window)), device)
+                    elif sum(map(len, pending.values())) > 2 * windows_per_batch:  # the longest-waiting length goes
+                        pooled |= _encode(encoder, pending.pop(next(iter(pending))), device)
             for batch in pending.values():
                 pooled |= _encode(encoder, batch, device)
     finally:

@@ -87,15 +87,18 @@ def test_features_are_cached_per_checkpoint_and_task(export, probe_data, tmp_pat
 
 
 def test_windows_batched_across_files_give_the_features_of_each_alone(export, tmp_path):
-    lengths = {"long.flac": 65.0, "middle.flac": 35.0, "short.flac": 5.0}  # windows of 30+30+5, 30+5 and 5 s
+    # windows of 30+30+5, 30+5, 5, 6, 7 and 8 s: with batches of 2, five windows end up waiting for company, more
+    # than twice a batch, so the longest-waiting one goes alone
+    lengths = {"long.flac": 65.0, "middle.flac": 35.0, "short.flac": 5.0, "six.flac": 6.0, "seven.flac": 7.0}
+    lengths["eight.flac"] = 8.0
     paths = [tmp_path / name for name in lengths]
     for seed, (path, seconds) in enumerate(zip(paths, lengths.values(), strict=True)):
         sf.write(path, tone(seconds, SAMPLE_RATE, seed=seed), SAMPLE_RATE)
     encoder = model_folder_encoder(export).train()
-    batched = extract(encoder, [str(p) for p in paths], progress=False)
+    batched = extract(encoder, [str(p) for p in paths], windows_per_batch=2, progress=False)
     alone = extract(encoder, [str(p) for p in paths], windows_per_batch=1, progress=False)
-    assert batched.values.shape == (6, 5, 64)
-    assert batched.example.tolist() == [0, 0, 0, 1, 1, 2]  # in file order, whatever batch a window went in
+    assert batched.values.shape == (9, 5, 64)
+    assert batched.example.tolist() == [0, 0, 0, 1, 1, 2, 3, 4, 5]  # in file order, whatever batch it went in
     torch.testing.assert_close(batched.values, alone.values, atol=1e-5, rtol=1e-4)
     assert encoder.training  # the caller's encoder is left as it was
 

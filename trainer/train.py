@@ -129,10 +129,10 @@ def train(cfg: ExperimentConfig, *, allow_config_change: bool = False, stop: Sto
     log.close(updates)
     first, last = (losses[0], losses[-1]) if losses else (None, None)
     rate = update.overall_rate(world_size)
-    return TrainSummary(run_dir, start, updates, first, last, rate, stop.reason, device=describe(engine.device))
+    return TrainSummary(run_dir, start, updates, first, last, rate, stop.reason, device=device_label(engine.device))
 
 
-def describe(device: torch.device) -> str:
+def device_label(device: torch.device) -> str:
     return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
 
 

@@ -581,7 +581,9 @@ def install(venv: Path, wheels: Path) -> dict[str, Any]:
 
     `venv --system-site-packages` would show the packages of the *base* interpreter, not those of this one, and
     the GPU machine's python3 is itself a venv; a .pth file that adds this interpreter's site folders does it."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--clear", str(venv)], check=True)
+    created = run([sys.executable, "-m", "venv", "--without-pip", "--clear", str(venv)])
+    if created.returncode != 0:
+        return outcome("failed", f"no venv at {venv}: {created.stderr.strip()[-300:]}")
     python = str(venv / "bin" / "python")
     purelib = subprocess.run(
         [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],

@@ -123,6 +123,12 @@ def metrics(run_dir: Path) -> list[dict[str, Any]]:
     return read_metrics(run_dir)
 
 
+def read_events(run_dir: Path) -> list[dict[str, Any]]:
+    from cluster.attempts import read_events  # inside a check's process, as above
+
+    return read_events(run_dir)
+
+
 def falling(losses: list[float]) -> bool:
     """Finite, and lower at the end than at the start (means of three, to ride out noise)."""
     return all(math.isfinite(loss) for loss in losses) and len(losses) >= 6 and sum(losses[-3:]) < sum(losses[:3])
@@ -387,13 +393,11 @@ def check_launch_requeue(ctx: Context) -> dict[str, Any]:
     deadline = time.monotonic() + 240
     while len(metrics(run_dir)) < 5 and launcher.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
-    started = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
-    rank0 = next(event["pid"] for event in reversed(started) if event["event"] == "started")
+    rank0 = next(event["pid"] for event in reversed(read_events(run_dir)) if event["event"] == "started")
     os.kill(int(rank0), signal.SIGUSR2)
     output, _ = launcher.communicate(timeout=300)
     print(output[-4000:])
-    events = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
-    reasons = [event.get("reason") for event in events if event["event"] == "ended"]
+    reasons = [event.get("reason") for event in read_events(run_dir) if event["event"] == "ended"]
     steps = [entry["step"] for entry in metrics(run_dir)]
     device = "cuda" if ctx.gpu else "cpu"  # with NCCL on a GPU, gloo on the CPU
     trained_there = f"done on {device}" in output

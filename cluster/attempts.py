@@ -10,31 +10,22 @@ from its last COMPLETE checkpoint all the same.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FILE = "attempts.jsonl"
+from data import jsonlines
+from trainer.layout import ATTEMPTS
 
 
 def record(run_dir: Path, event: str, **fields: Any) -> None:
-    """Append one event; a single write of one line, so a reader never sees half of it."""
-    line = json.dumps({"event": event, "time": time.time(), **fields}) + "\n"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with (run_dir / FILE).open("a") as handle:
-        handle.write(line)
-        handle.flush()
-        os.fsync(handle.fileno())
+    """Append one event."""
+    jsonlines.append(run_dir / ATTEMPTS, [{"event": event, "time": time.time(), **fields}])
 
 
 def read_events(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return jsonlines.read(run_dir / ATTEMPTS)
 
 
 @dataclass

@@ -43,7 +43,7 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg, _ = load_job_config(args.config, args.overrides)  # fails here, before any process group starts
     check_runnable(cfg)
-    init_distributed(from_environment())
+    init_distributed(from_environment(), timeout_s=cfg.train.collective_timeout_s)
     try:
         summary = train(cfg, allow_config_change=args.allow_config_change)
     except TrainingAbortedError as error:
@@ -105,15 +105,13 @@ def _last_error_line(report: str) -> str:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    import json
-
+    from data import jsonlines
     from probes.probe import probe, summary_table
 
     rows = probe(Path(args.checkpoint), args.tasks, _probe_settings(args))
     print(summary_table(rows), end="")
     if args.out:
-        with Path(args.out).open("a") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in rows)
+        jsonlines.append(Path(args.out), rows)
     return 0
 
 

@@ -7,7 +7,6 @@ run only prints the summary.
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import torch
 
 from cluster.environment import from_environment, init_distributed
-from data import ShardParams, write_shards
+from data import ShardParams, jsonlines, write_shards
 from data.demo import write_demo_corpus
 from model import Music2Vec, save_hf
 from probes.datasets import demo as demo_tasks
@@ -72,8 +71,8 @@ def probe_demo(cfg: ExperimentConfig, out: Path) -> list[dict[str, Any]]:
         torch.manual_seed(cfg.train.seed)  # as the trainer seeds it: the model at update 0
         export = save_hf(Music2Vec(cfg.model).encoder, out / "random_init" / "step_000000000")
         rows = probe(export, list(demo_tasks.TASKS), settings)
-        baseline.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return [json.loads(line) for line in baseline.read_text().splitlines()]
+        jsonlines.rewrite(baseline, rows)
+    return jsonlines.read(baseline)
 
 
 def report_probes(run_dir: Path, random_init: list[dict[str, Any]]) -> None:

@@ -153,12 +153,16 @@ def cuda_device_index(local_rank: int, local_world_size: int, visible: int) -> i
     )
 
 
-def init_distributed(env: DistributedEnvironment, *, job_gpus: int | None = None) -> None:
+def init_distributed(env: DistributedEnvironment, *, job_gpus: int | None = None, timeout_s: int = 600) -> None:
     """Start the process group DeepSpeed uses: NCCL with one GPU per rank, or gloo where the CPU is meant.
 
     `job_gpus`: the GPUs per node a launched job asked for; None outside a job (the environment tells, see
     `gpus_requested`). DeepSpeed learns the chosen GPU from the current device (see trainer.engine).
+    `timeout_s` (train.collective_timeout_s): how long a collective waits for a rank that died or hangs before it
+    fails, ending the run on every rank (torch's default is 30 minutes for gloo and 10 for NCCL).
     """
+    from datetime import timedelta
+
     import deepspeed
     import torch
 
@@ -168,4 +172,5 @@ def init_distributed(env: DistributedEnvironment, *, job_gpus: int | None = None
         torch.cuda.set_device(index)
     elif (reason := gpus_requested(job_gpus=job_gpus)) is not None:
         raise GPUUnavailableError(gpu_unavailable_message(reason))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=timeout_s))

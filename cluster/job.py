@@ -53,7 +53,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
 
         os.chdir(self.workdir)
         environment = from_submitit()
-        init_distributed(environment, job_gpus=self.gpus_per_node)
+        init_distributed(environment, job_gpus=self.gpus_per_node, timeout_s=self.cfg.train.collective_timeout_s)
         run_dir = Path(self.cfg.train.run_dir)
         attempt = _AttemptLog(run_dir, enabled=environment.rank == 0)
         attempt.started(_step(latest_complete(run_dir)), world_size=environment.world_size)

@@ -6,7 +6,6 @@ attempts.jsonl, probes/results.jsonl), so the table also works for runs started 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
@@ -16,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster import attempts
-from trainer.layout import latest_complete
+from data import jsonlines
+from trainer.layout import ATTEMPTS, METRICS, PROBE_RESULTS, latest_complete
 
 # SLURM's job states, as the one word a person scanning the table needs.
 _PLAIN_STATES = {
@@ -63,9 +63,9 @@ def status_table(run_dirs: list[Path]) -> str:
 
 
 def run_status(run_dir: Path) -> RunStatus:
-    if not (run_dir / "config.yaml").is_file() and not (run_dir / attempts.FILE).is_file():
-        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml or {attempts.FILE})")
-    metrics = _last_metrics(run_dir / "metrics.jsonl", lines=50)
+    if not (run_dir / "config.yaml").is_file() and not (run_dir / ATTEMPTS).is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml or {ATTEMPTS})")
+    metrics = jsonlines.read(run_dir / METRICS)[-50:]
     target = _target(run_dir)
     step = metrics[-1]["step"] if metrics else 0
     job = attempts.latest_job(run_dir)
@@ -79,7 +79,7 @@ def run_status(run_dir: Path) -> RunStatus:
         rate=f"{metrics[-1]['audio_seconds_per_s']:.0f}" if metrics else "-",
         eta=_eta(metrics, step, target) if state == "running" else "-",
         checkpoint=_checkpoint_cell(run_dir),
-        probes=_probe_cell(run_dir / "probes" / "results.jsonl"),
+        probes=_probe_cell(run_dir / PROBE_RESULTS),
     )
 
 
@@ -141,13 +141,6 @@ def _job_cell(job: attempts.JobHistory | None) -> str:
     return f"{job.job_id} (restart {restarts})" if restarts else job.job_id
 
 
-def _last_metrics(path: Path, *, lines: int) -> list[dict[str, float]]:
-    if not path.is_file():
-        return []
-    tail = [line for line in path.read_text().splitlines() if line.strip()][-lines:]
-    return [json.loads(line) for line in tail]
-
-
 def _target(run_dir: Path) -> int | None:
     from omegaconf import OmegaConf
 
@@ -185,9 +178,7 @@ def _checkpoint_cell(run_dir: Path) -> str:
 
 def _probe_cell(results: Path) -> str:
     """The newest probed step's primary scores, `task/metric=mean over seeds` each."""
-    if not results.is_file():
-        return "-"
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    rows = jsonlines.read(results)
     if not rows:
         return "-"
     newest = max(row["step"] for row in rows)

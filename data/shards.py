@@ -25,6 +25,7 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
+from data import jsonlines
 from data.audio import SAMPLE_RATE, decode_file, encode_flac
 
 LIST_SUFFIXES = {".txt", ".lst", ".list"}  # a text file naming one audio path per line
@@ -164,15 +165,10 @@ class _Journal:
         self.path = out / PROGRESS
 
     def read(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return jsonlines.read(self.path)
 
     def append(self, entry: dict[str, Any]) -> None:
-        with self.path.open("a") as journal:
-            journal.write(json.dumps(entry) + "\n")
-            journal.flush()
-            os.fsync(journal.fileno())
+        jsonlines.append(self.path, [entry])
 
 
 class _ShardSink:
@@ -220,7 +216,7 @@ def write_shards(
     _check_same_run(out, done, run_params)
     start_file, start_clip = done[-1]["next"] if done else (0, 0)
     rejections = _kept_rejections(out, before=start_file)
-    _write_rejections(out, rejections)
+    jsonlines.rewrite(out / REJECTED, rejections)
 
     sink = _ShardSink(journal, run_params, start=(start_file, start_clip))
     writer = wds.ShardWriter(
@@ -241,8 +237,7 @@ def write_shards(
             if result.rejection:
                 rejection = {"index": result.index, "path": paths[result.index], **result.rejection}
                 rejections.append(rejection)
-                with (out / REJECTED).open("a") as rejected:
-                    rejected.write(json.dumps(rejection) + "\n")
+                jsonlines.append(out / REJECTED, [rejection])
             first_clip = start_clip if result.index == start_file else 0
             for clip, (sample, seconds) in enumerate(zip(result.samples, result.seconds, strict=True)):
                 if clip < first_clip:
@@ -293,17 +288,7 @@ def _check_same_run(out: Path, done: list[dict[str, Any]], run_params: dict[str,
 
 def _kept_rejections(out: Path, *, before: int) -> list[dict[str, Any]]:
     """Rejections recorded for inputs before the resume point (later ones are found again)."""
-    path = out / REJECTED
-    if not path.is_file():
-        return []
-    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [entry for entry in entries if entry["index"] < before]
-
-
-def _write_rejections(out: Path, rejections: list[dict[str, Any]]) -> None:
-    tmp = out / (REJECTED + ".tmp")
-    tmp.write_text("".join(json.dumps(entry) + "\n" for entry in rejections))
-    tmp.replace(out / REJECTED)
+    return [entry for entry in jsonlines.read(out / REJECTED) if entry["index"] < before]
 
 
 def _write_manifest(

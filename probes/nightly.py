@@ -11,8 +11,6 @@ a run after a crash finishes only what is missing. A lock file keeps two jobs of
 from __future__ import annotations
 
 import fcntl
-import json
-import os
 import statistics
 import sys
 from collections.abc import Iterator
@@ -21,10 +19,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from data import jsonlines
 from probes.probe import REGISTRY, ProbeSettings, probe
-from trainer.layout import complete_checkpoints
+from trainer.layout import PROBE_RESULTS, complete_checkpoints
 
-RESULTS = Path("probes") / "results.jsonl"
 REPORT = Path("probes") / "report.md"
 
 
@@ -48,7 +46,7 @@ def nightly(run_dir: Path, tasks: list[str], settings: ProbeSettings) -> list[di
                         continue
                     rows = probe(folder, [task], replace(settings, seeds=missing))
                     scalars.write(step, rows)
-                    _append(run_dir / RESULTS, rows)
+                    jsonlines.append(run_dir / PROBE_RESULTS, rows)  # a task's rows all or none
                     new_rows += rows
         finally:
             scalars.close()
@@ -70,19 +68,15 @@ def _new_rows_unless_busy(run_dir: Path, tasks: list[str], settings: ProbeSettin
 
 
 def read_results(run_dir: Path) -> list[dict[str, Any]]:
-    """Every complete line; a line cut short by a crash is skipped (its task is probed again)."""
-    path = run_dir / RESULTS
-    if not path.is_file():
-        return []
-    rows = [_parse(line) for line in path.read_text().splitlines()]
-    return [row for row in rows if row is not None]
+    """Every whole line, the newest of each (checkpoint, task, seed, metric, layer): two jobs that both probed a
+    checkpoint (a filesystem without locks, a results file copied between runs) count once. A line cut short by a
+    crash is skipped, and its task probed again."""
+    newest = {_identity(row): row for row in jsonlines.read(run_dir / PROBE_RESULTS)}
+    return list(newest.values())
 
 
-def _parse(line: str) -> dict[str, Any] | None:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError:
-        return None
+def _identity(row: dict[str, Any]) -> tuple[Any, ...]:
+    return (row.get("step"), row.get("task"), row.get("seed"), row.get("metric"), row.get("head", {}).get("layer"))
 
 
 @contextmanager
@@ -97,20 +91,6 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _append(path: Path, rows: list[dict[str, Any]]) -> None:
-    """All of one task's rows in one write, fsynced: after a crash they are there entirely or not at all."""
-    text = "".join(json.dumps(row) + "\n" for row in rows)
-    if path.is_file() and path.stat().st_size:
-        with path.open("rb") as existing:
-            existing.seek(-1, os.SEEK_END)
-            if existing.read(1) != b"\n":
-                text = "\n" + text  # a line cut short by a crash stays on its own, and is skipped when read
-    with path.open("a") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 class _ProbeScalars:

@@ -10,7 +10,7 @@ def make(run_dir, step, *, complete=True):
     (folder / "mp_rank_00_model_states.pt").write_bytes(b"weights")
     (run_dir / "exports" / tag(step)).mkdir(parents=True)
     if complete:
-        write_marker(folder, marker_content(step, "digest", world_size=1))
+        write_marker(folder, marker_content(step, "digest", world_size=1, files={}))
     return folder
 
 
@@ -28,7 +28,7 @@ def test_keep_the_last_k_and_every_mth_forever(tmp_path):
         make(tmp_path, step)
     make(tmp_path, 5, complete=False)  # interrupted long ago: stale
     make(tmp_path, 110, complete=False)  # being written right now: untouched
-    prune(tmp_path, keep_last=2, keep_every=40)
+    prune(tmp_path, keep_last=2, keep_every=40, current=100)
     assert [step for step, _ in complete_checkpoints(tmp_path)] == [40, 80, 90, 100]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [tag(s) for s in (40, 80, 90, 100, 110)]
     assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == [tag(s) for s in (40, 80, 90, 100, 110)]

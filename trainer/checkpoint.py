@@ -4,12 +4,16 @@
     exports/step_000012000/       config.json + model.safetensors, loadable by transformers' Data2VecAudioModel
 
 A checkpoint without COMPLETE does not exist: resume, export and probes only ever see complete ones, found by
-scanning (DeepSpeed's own `latest` file is not written). The newest `keep_last` complete checkpoints are kept, and
-every one whose step is a multiple of `keep_every`, forever.
+scanning (DeepSpeed's own `latest` file is not written). Every rank fsyncs what it wrote before COMPLETE is written,
+so a COMPLETE checkpoint survives a power cut. COMPLETE describes the checkpoint: its step, the config digest and
+world size that wrote it, and the SHA-256 of every file, so that a truncated or altered file is found before
+anything is loaded. The newest `keep_last` complete checkpoints are kept, and every one whose step is a multiple
+of `keep_every`, forever.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -22,7 +26,12 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from data.jsonlines import fsync_folder
 from trainer.layout import COMPLETE, STEP_DIR, complete_checkpoints
+
+
+class CheckpointError(ValueError):
+    """A COMPLETE checkpoint that cannot be resumed from; the message names the file and says why."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -50,11 +59,66 @@ def write_marker(folder: Path, content: dict[str, Any]) -> None:
         handle.write(json.dumps(content, indent=2) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
-    directory = os.open(folder, os.O_RDONLY)
+    fsync_folder(folder)
+
+
+def make_durable(folder: Path) -> None:
+    """fsync every file in `folder`, the folder and its parent: what this rank wrote there survives a power cut.
+    Files other nodes wrote are synced by their own ranks; syncing them here too costs little."""
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            descriptor = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+    fsync_folder(folder)
+    fsync_folder(folder.parent)
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file in `folder` but COMPLETE, by name."""
+    return {path.name: _sha256(path) for path in sorted(folder.iterdir()) if path.is_file() and path.name != COMPLETE}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(folder: Path, *, config_digest: str | None, world_size: int) -> None:
+    """Check that `folder` holds what its COMPLETE says, or raise CheckpointError naming the file and the reason.
+    `config_digest`: the config this run resumes with (None: a config change was allowed)."""
+    marker = folder / COMPLETE
     try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+        content = json.loads(marker.read_text())
+        step, digest, ranks, files = (content[key] for key in ("step", "config_digest", "world_size", "files"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{marker}: not a valid COMPLETE marker ({error})") from None
+    problems = []
+    if STEP_DIR.fullmatch(folder.name) is None or step != int(folder.name.removeprefix("step_")):
+        problems.append(f"it says step {step}, the folder is {folder.name}")
+    if config_digest is not None and digest != config_digest:
+        problems.append(f"it was written with config digest {digest}, this run's is {config_digest}")
+    if ranks != world_size:
+        problems.append(f"it was written by {ranks} ranks, this run has {world_size}: resume with {ranks}")
+    if problems:
+        raise CheckpointError(f"{marker}: " + "; ".join(problems))
+    _check_files(folder, files)
+
+
+def _check_files(folder: Path, expected: dict[str, str]) -> None:
+    present = {path.name for path in folder.iterdir() if path.is_file() and path.name != COMPLETE}
+    if missing := sorted(set(expected) - present):
+        raise CheckpointError(f"{folder / missing[0]}: missing ({len(missing)} file(s) COMPLETE lists are gone)")
+    if unlisted := sorted(present - set(expected)):
+        raise CheckpointError(f"{folder / unlisted[0]}: not written with this checkpoint (COMPLETE does not list it)")
+    for name, digest in expected.items():
+        if _sha256(folder / name) != digest:
+            raise CheckpointError(f"{folder / name}: its content changed since it was written (truncated or altered)")
 
 
 def save_teacher(folder: Path, state: dict[str, torch.Tensor]) -> None:
@@ -63,7 +127,11 @@ def save_teacher(folder: Path, state: dict[str, torch.Tensor]) -> None:
 
 
 def load_teacher(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / "teacher.safetensors")
+    path = folder / "teacher.safetensors"
+    try:
+        return load_file(path)
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for each kind of damage
+        raise unreadable(path, error) from None
 
 
 def save_rank_state(folder: Path, rank: int, state: dict[str, Any]) -> None:
@@ -77,24 +145,55 @@ def load_rank_state(folder: Path, rank: int) -> dict[str, Any]:
             f"{path}: this checkpoint was written by fewer ranks; resume with the world size that wrote it"
         )
     # weights_only: plain containers, numbers and tensors; nothing in a checkpoint may run code when loaded
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError ...
+        raise unreadable(path, error) from None
 
 
-def prune(run_dir: Path, *, keep_last: int, keep_every: int) -> None:
-    """Delete complete checkpoints (and their exports) beyond the retention rule, and stale incomplete ones."""
-    checkpoints = complete_checkpoints(run_dir)
+def unreadable(path: str | Path, error: Exception) -> CheckpointError:
+    """The error for a checkpoint file that failed to load: refused (it would run code), or damaged."""
+    text = str(error)
+    if "Weights only load failed" in text:
+        unsupported = next((line.strip() for line in text.splitlines() if "Unsupported global" in line), "")
+        return CheckpointError(
+            f"{path}: refused: it holds pickled objects that could run code when loaded {unsupported}"
+        )
+    return CheckpointError(f"{path}: cannot be read ({(text.strip().splitlines() or [type(error).__name__])[0]})")
+
+
+def prune(run_dir: Path, *, keep_last: int, keep_every: int, current: int) -> None:
+    """Delete complete checkpoints (and their exports) beyond the retention rule, and stale incomplete ones.
+
+    `current`: the step of the checkpoint just written, the newest one known to load. Checkpoints past it are
+    left alone and do not count as kept: they are ones this run could not load (damaged, or planted), kept for
+    inspection, and the checkpoints this run can resume from must not make way for them.
+    """
+    checkpoints = [(step, folder) for step, folder in complete_checkpoints(run_dir) if step <= current]
     newest = {step for step, _ in checkpoints[-keep_last:]}
     for step, folder in checkpoints:
         if step in newest or (keep_every and step % keep_every == 0):
             continue
         shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(run_dir / "exports" / folder.name, ignore_errors=True)
-    latest = checkpoints[-1][0] if checkpoints else -1
     for folder in (run_dir / "checkpoints").glob("step_*"):
         match = STEP_DIR.fullmatch(folder.name)
-        if match and int(match.group(1)) < latest and not (folder / COMPLETE).is_file():
+        if match and int(match.group(1)) < current and not (folder / COMPLETE).is_file():
             shutil.rmtree(folder, ignore_errors=True)  # a save that a crash interrupted
             shutil.rmtree(run_dir / "exports" / folder.name, ignore_errors=True)
+
+
+def set_aside(folder: Path) -> None:
+    """Make way for a checkpoint about to be written at `folder`'s step: an interrupted save is deleted, a complete
+    one that could not be loaded is renamed (never deleted) so that nobody mistakes the new one's files for it."""
+    if not folder.exists():
+        return
+    if (folder / COMPLETE).is_file():
+        aside = folder.with_name(f"{folder.name}.unusable-{int(time.time())}")
+        folder.rename(aside)
+        print(f"{folder}: an unusable checkpoint stood where this run checkpoints now; moved to {aside}", flush=True)
+    else:
+        shutil.rmtree(folder)
 
 
 def barrier() -> None:
@@ -102,5 +201,5 @@ def barrier() -> None:
         dist.barrier()
 
 
-def marker_content(step: int, digest: str, world_size: int) -> dict[str, Any]:
-    return {"step": step, "config_digest": digest, "world_size": world_size, "time": time.time()}
+def marker_content(step: int, digest: str, world_size: int, files: dict[str, str]) -> dict[str, Any]:
+    return {"step": step, "config_digest": digest, "world_size": world_size, "time": time.time(), "files": files}

@@ -80,6 +80,7 @@ class TrainConfig:
     max_nonfinite: int = 20  # consecutive steps with a non-finite loss before the run aborts
     min_target_var: float = 0.1  # spec §4: collapse when target_var falls below this ...
     collapse_check_after: int = 5_000  # ... once this many updates are done
+    collective_timeout_s: int = 600  # a rank that waits this long for the others ends the run (a rank died or hung)
 
     def __post_init__(self) -> None:
         checks = [
@@ -92,8 +93,29 @@ class TrainConfig:
             (self.keep_last >= 1, f"train.keep_last={self.keep_last} must be >= 1"),
             (self.keep_every >= 0, f"train.keep_every={self.keep_every} must be >= 0"),
             (self.max_nonfinite >= 1, f"train.max_nonfinite={self.max_nonfinite} must be >= 1"),
+            (self.collective_timeout_s >= 1, f"train.collective_timeout_s={self.collective_timeout_s} must be >= 1"),
         ]
         _refuse([message for ok, message in checks if not ok])
+
+
+# What a run's numbers do not depend on: where its directory is, how often it logs and checkpoints, how many
+# checkpoints it keeps, when its guards give up, and which kernels compute the same math. A run continues across a
+# change of these; the config digest leaves them out.
+NOT_IN_DIGEST = {
+    "train": (
+        "run_dir",
+        "log_every",
+        "checkpoint_every",
+        "keep_last",
+        "keep_every",
+        "max_nonfinite",
+        "min_target_var",
+        "collapse_check_after",
+        "collective_timeout_s",
+        "compile",
+        "deterministic",
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -107,8 +129,13 @@ class ExperimentConfig:
         return json.loads(json.dumps(asdict(self)))  # tuples become lists, as in YAML
 
     def digest(self) -> str:
-        """Identifies what a run computes; checkpoints carry it so a run directory is never resumed with another."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """Identifies what a run computes (not where it lives or how it reports, see NOT_IN_DIGEST); checkpoints
+        carry it so a run directory is never resumed with another computation."""
+        computation = self.to_dict()
+        for section, keys in NOT_IN_DIGEST.items():
+            for key in keys:
+                del computation[section][key]
+        return hashlib.sha256(json.dumps(computation, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _refuse(problems: list[str]) -> None:

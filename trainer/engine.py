@@ -10,11 +10,20 @@ from typing import Literal
 
 import deepspeed
 import torch
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 from torch import Tensor
 
 from model import Music2Vec
+from trainer.checkpoint import CheckpointError, unreadable
 from trainer.config import ExperimentConfig, OptimConfig
 from trainer.ds_config import deepspeed_config
+
+# The classes DeepSpeed pickles into its checkpoint files besides tensors and containers (ZeRO 1-3, fp32/bf16/fp16).
+# Plain data: unpickling one sets its attributes and runs nothing else.
+DEEPSPEED_STATE_CLASSES = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 OptimizerChoice = Literal["torch_adamw_fused", "torch_adamw", "deepspeed_cpu_adam"]
 
@@ -64,6 +73,7 @@ class Engine:
         self.ds, *_ = deepspeed.initialize(
             args=args, model=model, optimizer=optimizer, config=self.config, dist_init_required=False
         )
+        self.ds.checkpoint_engine = WeightsOnlyCheckpointEngine(self.ds.checkpoint_engine)
         self.model: Music2Vec = self.ds.module
         self.device = self.ds.device
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.train.precision]
@@ -108,9 +118,10 @@ class Engine:
         self.ds.save_checkpoint(str(root), tag=tag, save_latest=False)
 
     def load(self, root: Path, tag: str) -> None:
+        """DeepSpeed's part of a checkpoint; CheckpointError names a file that cannot be read or is refused."""
         path, _ = self.ds.load_checkpoint(str(root), tag=tag, load_lr_scheduler_states=False)
         if path is None:
-            raise FileNotFoundError(f"{root / tag}: DeepSpeed found no checkpoint to load")
+            raise CheckpointError(f"{root / tag}: DeepSpeed found no checkpoint to load")
 
     def memory(self) -> dict[str, float]:
         """Peak GPU memory since the last call, in GiB: held by tensors, and reserved by torch's caching allocator."""
@@ -122,3 +133,26 @@ class Engine:
         }
         torch.cuda.reset_peak_memory_stats(self.device)
         return peaks
+
+
+class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch.save/torch.load checkpoint engine, loading with `weights_only=True`.
+
+    DeepSpeed's own engine unpickles with `weights_only=False`: a file planted in a run directory would run its code
+    on every rank at the next resume. Here only tensors, containers and DeepSpeed's few plain state classes load.
+    """
+
+    def __init__(self, configured: object) -> None:
+        if type(configured) is not TorchCheckpointEngine:  # a writer set in the DeepSpeed template: nothing else loads
+            raise ValueError(
+                f"the DeepSpeed config selects the {type(configured).__name__}; remove its checkpoint writer settings:"
+                " music2vec checkpoints with DeepSpeed's torch engine and loads without unpickling code"
+            )
+        self.__dict__.update(configured.__dict__)  # its settings as DeepSpeed configured them; nothing to initialise
+
+    def load(self, path: str, map_location: object = None) -> object:
+        try:
+            with torch.serialization.safe_globals(DEEPSPEED_STATE_CLASSES):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as error:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError ...
+            raise unreadable(path, error) from None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import resource
 from collections import defaultdict
 from collections.abc import Callable
@@ -11,6 +10,9 @@ from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
+
+from data import jsonlines
+from trainer.layout import METRICS
 
 
 class MetricsLog:
@@ -34,7 +36,7 @@ class MetricsLog:
         if not self.enabled:
             return
         self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1)  # drop what a crash left past `start`
-        self.jsonl = run_dir / "metrics.jsonl"
+        self.jsonl = run_dir / METRICS
         _truncate_after(self.jsonl, start)
         self.total = total
         # A progress bar on a terminal; in a job's log file, one plain line per `every` updates instead.
@@ -44,8 +46,7 @@ class MetricsLog:
         """One optimizer update's values; every `every` updates their means go to TensorBoard."""
         if not self.enabled:
             return
-        with self.jsonl.open("a") as handle:
-            handle.write(json.dumps({"step": step, **values}) + "\n")
+        jsonlines.append(self.jsonl, [{"step": step, **values}])
         for name, value in values.items():
             self.sums[name] += value
         self.count += 1
@@ -87,12 +88,9 @@ class MetricsLog:
 
 def _truncate_after(path: Path, step: int) -> None:
     """Keep the lines of updates up to `step`: a resumed run rewrites the ones after its checkpoint."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    if path.is_file():
+        jsonlines.rewrite(path, [entry for entry in jsonlines.read(path) if entry.get("step", 0) <= step])
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+    return jsonlines.read(run_dir / METRICS)

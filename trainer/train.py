@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +23,10 @@ from data.audio import SAMPLE_RATE
 from data.loader import StreamingLoader
 from model import Music2Vec, save_hf
 from trainer import checkpoint
-from trainer.collectives import reduce_scalar
+from trainer.collectives import agree_on_failure, reduce_scalar
 from trainer.config import ExperimentConfig, check_run_dir, save_config
 from trainer.engine import Engine
-from trainer.layout import latest_complete, tag
+from trainer.layout import complete_checkpoints, tag
 from trainer.metrics import MetricsLog
 from trainer.schedule import tri_stage_lr
 from trainer.stop import StopFlag
@@ -32,7 +34,8 @@ from trainer.toolchain import check_toolchain
 
 
 class TrainingAbortedError(RuntimeError):
-    """The run cannot go on (diverged or collapsed); its last complete checkpoint is intact."""
+    """The run cannot go on (diverged, collapsed, a checkpoint could not be written); its last complete checkpoint
+    is intact."""
 
 
 @dataclass
@@ -76,7 +79,8 @@ def train(cfg: ExperimentConfig, *, allow_config_change: bool = False, stop: Sto
     engine = Engine(model, cfg, world_size)
     crop_samples = round(cfg.data.crop_seconds * SAMPLE_RATE)
     loader = StreamingLoader(cfg.data, frames=cfg.model.num_frames(crop_samples), rank=rank, world_size=world_size)
-    start = updates = resume(run_dir, engine, loader, rank=rank, digest=cfg.digest())
+    digest = None if allow_config_change else cfg.digest()
+    start = updates = resume(run_dir, engine, loader, rank=rank, world_size=world_size, config_digest=digest)
     if rank == 0:
         (run_dir / "ds_config.json").write_text(json.dumps(engine.config, indent=2) + "\n")
     log = MetricsLog(
@@ -255,20 +259,46 @@ def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, *, rank: int, allow_co
     checkpoint.barrier()
 
 
-def resume(run_dir: Path, engine: Engine, loader: StreamingLoader, *, rank: int, digest: str) -> int:
-    """Load the newest complete checkpoint, if any; the number of updates it had done (0 for a new run)."""
-    latest = latest_complete(run_dir)
-    if latest is None:
-        return 0
-    step, folder = latest
+def resume(
+    run_dir: Path,
+    engine: Engine,
+    loader: StreamingLoader,
+    *,
+    rank: int,
+    world_size: int,
+    config_digest: str | None,
+) -> int:
+    """Load the newest complete checkpoint that verifies and loads; the number of updates it had done (0 for a new
+    run). A damaged one is reported and left in place, and the one before it is used. `config_digest`: None when a
+    config change was allowed."""
+    unusable = []
+    for step, folder in reversed(complete_checkpoints(run_dir)):
+        verify = partial(checkpoint.verify, folder, config_digest=config_digest, world_size=world_size)
+        problem = agree_on_failure(verify if rank == 0 else None) or agree_on_failure(  # rank 0 reads every file
+            partial(load_checkpoint, folder, engine, loader, rank=rank)
+        )
+        if problem is None:
+            if rank == 0:
+                print(f"resuming {run_dir} from {folder.name} (config digest {config_digest or 'changed'})")
+            return step
+        unusable.append(problem)
+        if rank == 0:
+            print(f"cannot resume from {folder}: {problem}; it stays as it is; trying the one before", file=sys.stderr)
+    if unusable:
+        raise checkpoint.CheckpointError(
+            f"none of the {len(unusable)} complete checkpoints in {run_dir / 'checkpoints'} can be resumed from, so"
+            " nothing was started (starting afresh would overwrite the run): restore the damaged files, or move"
+            " the run directory aside to start again. The newest one: " + unusable[0]
+        )
+    return 0
+
+
+def load_checkpoint(folder: Path, engine: Engine, loader: StreamingLoader, *, rank: int) -> None:
     engine.load(folder.parent, folder.name)
     engine.model.teacher.load_state_dict(checkpoint.load_teacher(folder))
     state = checkpoint.load_rank_state(folder, rank)
     loader.load_state_dict(state["loader"])
     checkpoint.set_rng_state(state["rng"])
-    if rank == 0:
-        print(f"resuming {run_dir} from {folder.name} (config digest {digest})")
-    return step
 
 
 def save_checkpoint(
@@ -281,19 +311,34 @@ def save_checkpoint(
     rank: int,
     world_size: int,
 ) -> Path:
-    """Write checkpoints/step_N (then COMPLETE) and exports/step_N; every rank calls it."""
+    """Write checkpoints/step_N and exports/step_N, make them durable on every rank, then COMPLETE; every rank
+    calls it. A failure on any rank (a full disk) ends the run on every rank; the previous checkpoint is intact."""
     name = tag(step)
     folder = run_dir / "checkpoints" / name
-    engine.save(folder.parent, name)
-    checkpoint.save_rank_state(folder, rank, {"loader": loader.state_dict(), "rng": checkpoint.rng_state()})
-    with engine.gathered(engine.model.encoder) as encoder:
+    export = run_dir / "exports" / name
+
+    def write_files() -> None:
+        engine.save(folder.parent, name)
+        checkpoint.save_rank_state(folder, rank, {"loader": loader.state_dict(), "rng": checkpoint.rng_state()})
+        with engine.gathered(engine.model.encoder) as encoder:
+            if rank == 0:
+                save_hf(encoder, export)
+                checkpoint.save_teacher(folder, engine.model.teacher.state_dict())
+        checkpoint.make_durable(folder)
         if rank == 0:
-            save_hf(encoder, run_dir / "exports" / name)
-    if rank == 0:
-        checkpoint.save_teacher(folder, engine.model.teacher.state_dict())
-    checkpoint.barrier()  # every rank's files are on disk before COMPLETE says so
-    if rank == 0:
-        checkpoint.write_marker(folder, checkpoint.marker_content(step, cfg.digest(), world_size))
-        checkpoint.prune(run_dir, keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every)
-    checkpoint.barrier()
+            checkpoint.make_durable(export)
+
+    def commit() -> None:  # rank 0, once every rank's files are durable
+        marker = checkpoint.marker_content(step, cfg.digest(), world_size, checkpoint.file_digests(folder))
+        checkpoint.write_marker(folder, marker)
+        checkpoint.prune(run_dir, keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every, current=step)
+
+    make_way = partial(checkpoint.set_aside, folder)
+    for action in (make_way if rank == 0 else None, write_files, commit if rank == 0 else None):
+        failure = agree_on_failure(action)
+        if failure is not None:
+            raise TrainingAbortedError(
+                f"the checkpoint {folder} could not be written: {failure}. The previous complete checkpoint is"
+                " intact: make room (or fix the folder), then run the same command to resume from it"
+            )
     return folder

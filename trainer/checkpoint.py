@@ -183,6 +183,13 @@ def prune(run_dir: Path, *, keep_last: int, keep_every: int, current: int) -> No
             shutil.rmtree(run_dir / "exports" / folder.name, ignore_errors=True)
 
 
+def free_space(path: Path) -> str:
+    """How full the filesystem holding `path` is, for a message about a write that failed (a full disk shows)."""
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    usage = shutil.disk_usage(existing)
+    return f"{usage.free / 2**20:,.1f} MiB free of {usage.total / 2**20:,.0f} MiB on its filesystem"
+
+
 def set_aside(folder: Path) -> None:
     """Make way for a checkpoint about to be written at `folder`'s step: an interrupted save is deleted, a complete
     one that could not be loaded is renamed (never deleted) so that nobody mistakes the new one's files for it."""

@@ -7,6 +7,7 @@ that was never interrupted (same config, world size and data workers).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -79,56 +80,58 @@ def train(cfg: ExperimentConfig, *, allow_config_change: bool = False, stop: Sto
     engine = Engine(model, cfg, world_size)
     crop_samples = round(cfg.data.crop_seconds * SAMPLE_RATE)
     loader = StreamingLoader(cfg.data, frames=cfg.model.num_frames(crop_samples), rank=rank, world_size=world_size)
-    digest = None if allow_config_change else cfg.digest()
+    digest = None if allow_config_change else cfg.digest()  # None: any checkpoint of this run directory will do
     start = updates = resume(run_dir, engine, loader, rank=rank, world_size=world_size, config_digest=digest)
     if rank == 0:
         (run_dir / "ds_config.json").write_text(json.dumps(engine.config, indent=2) + "\n")
     log = MetricsLog(
         run_dir, rank=rank, every=cfg.train.log_every, start=updates, total=cfg.optim.max_updates, memory=engine.memory
     )
-    stop = stop or StopFlag()
-    stop.install()
+    (stop := stop or StopFlag()).install()
 
-    batches, losses, update = iter(loader), [], UpdateStats()
-    while updates < cfg.optim.max_updates:
-        # 1) the next micro-batch, timing how long the loader kept us waiting
-        batch = update.wait_for(batches)
-        engine.set_lr(lr_at(cfg, updates))
-        loss, metrics = engine.forward(batch.audio, batch.mask)
+    losses, update = [], UpdateStats()
+    # Closed on the way out, on an error too: the DataLoader workers ignore stop signals (the trainer answers them),
+    # so only an orderly shutdown ends them, and a process whose workers live on never exits.
+    with contextlib.closing(iter(loader)) as batches:
+        while updates < cfg.optim.max_updates:
+            # 1) the next micro-batch, timing how long the loader kept us waiting
+            batch = update.wait_for(batches)
+            engine.set_lr(lr_at(cfg, updates))
+            loss, metrics = engine.forward(batch.audio, batch.mask)
 
-        # 2) a non-finite loss on any rank skips this micro-batch everywhere; too many in a row abort the run
-        if update.skip_nonfinite(loss, limit=cfg.train.max_nonfinite, updates=updates):
-            continue
+            # 2) a non-finite loss on any rank skips this micro-batch everywhere; too many in a row abort the run
+            if update.skip_nonfinite(loss, limit=cfg.train.max_nonfinite, updates=updates):
+                continue
 
-        # 3) backward and step; DeepSpeed accumulates until the update boundary
-        engine.backward(loss)
-        boundary = engine.at_update_boundary()
-        applied = engine.step()
-        update.add_micro_batch(loss, metrics, crops=batch.audio.shape[0], crop_seconds=cfg.data.crop_seconds)
-        if not boundary:
-            continue
-        if not applied:  # fp16 overflow: DeepSpeed skipped the update and lowered the loss scale
-            update.reset()
-            continue
+            # 3) backward and step; DeepSpeed accumulates until the update boundary
+            engine.backward(loss)
+            boundary = engine.at_update_boundary()
+            applied = engine.step()
+            update.add_micro_batch(loss, metrics, crops=batch.audio.shape[0], crop_seconds=cfg.data.crop_seconds)
+            if not boundary:
+                continue
+            if not applied:  # fp16 overflow: DeepSpeed skipped the update and lowered the loss scale
+                update.reset()
+                continue
 
-        # 4) the update happened: the teacher follows, once per update, never per micro-batch
-        updates += 1
-        with engine.gathered(model.encoder.transformer):
-            decay = model.update_teacher(updates)
-        values = update.finish(world_size) | {"lr": lr_at(cfg, updates - 1), "ema_decay": decay}
-        values |= _optional(grad_norm=engine.grad_norm(), loss_scale=engine.loss_scale())
-        values |= {f"loader_skipped_{reason}": count for reason, count in loader.skipped().items()}
-        losses.append(values["loss"])
-        log.update(updates, values)
-        # Judged on the mean over ranks: one rank aborting alone would leave the others waiting in a collective.
-        check_collapse(cfg, updates, reduce_scalar(values["target_var"], dist.ReduceOp.SUM) / world_size)
+            # 4) the update happened: the teacher follows, once per update, never per micro-batch
+            updates += 1
+            with engine.gathered(model.encoder.transformer):
+                decay = model.update_teacher(updates)
+            values = update.finish(world_size) | {"lr": lr_at(cfg, updates - 1), "ema_decay": decay}
+            values |= _optional(grad_norm=engine.grad_norm(), loss_scale=engine.loss_scale())
+            values |= {f"loader_skipped_{reason}": count for reason, count in loader.skipped().items()}
+            losses.append(values["loss"])
+            log.update(updates, values)
+            # Judged on the mean over ranks: one rank aborting alone would leave the others waiting in a collective.
+            check_collapse(cfg, updates, reduce_scalar(values["target_var"], dist.ReduceOp.SUM) / world_size)
 
-        # 5) checkpoint on schedule, at the end, or when asked to stop
-        stopping = stop.should_stop()
-        if stopping or updates % cfg.train.checkpoint_every == 0 or updates == cfg.optim.max_updates:
-            save_checkpoint(cfg, run_dir, engine, loader, updates, rank=rank, world_size=world_size)
-        if stopping:
-            break
+            # 5) checkpoint on schedule, at the end, or when asked to stop
+            stopping = stop.should_stop()
+            if stopping or updates % cfg.train.checkpoint_every == 0 or updates == cfg.optim.max_updates:
+                save_checkpoint(cfg, run_dir, engine, loader, updates, rank=rank, world_size=world_size)
+            if stopping:
+                break
 
     log.close(updates)
     first, last = (losses[0], losses[-1]) if losses else (None, None)
@@ -338,7 +341,8 @@ def save_checkpoint(
         failure = agree_on_failure(action)
         if failure is not None:
             raise TrainingAbortedError(
-                f"the checkpoint {folder} could not be written: {failure}. The previous complete checkpoint is"
-                " intact: make room (or fix the folder), then run the same command to resume from it"
+                f"the checkpoint {folder} could not be written: {failure} ({checkpoint.free_space(folder)})."
+                " The previous complete checkpoint is intact: make room (or fix the folder), then run the same"
+                " command to resume from it"
             )
     return folder

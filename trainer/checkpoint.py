@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -155,10 +156,9 @@ def unreadable(path: str | Path, error: Exception) -> CheckpointError:
     """The error for a checkpoint file that failed to load: refused (it would run code), or damaged."""
     text = str(error)
     if "Weights only load failed" in text:
-        unsupported = next((line.strip() for line in text.splitlines() if "Unsupported global" in line), "")
-        return CheckpointError(
-            f"{path}: refused: it holds pickled objects that could run code when loaded {unsupported}"
-        )
+        found = re.search(r"GLOBAL ([\w.]+)", text)  # torch names the first callable it refused
+        named = f" (the first: {found.group(1)})" if found else ""
+        return CheckpointError(f"{path}: refused: it holds pickled objects that could run code when loaded{named}")
     return CheckpointError(f"{path}: cannot be read ({(text.strip().splitlines() or [type(error).__name__])[0]})")
 
 

@@ -19,7 +19,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _shard(args: argparse.Namespace) -> int:
-    from data.shards import ShardParams, write_shards
+    from data.shards import ShardParams, WorkerDiedError, write_shards
 
     params = ShardParams(
         clip_seconds=args.clip_seconds,
@@ -27,7 +27,11 @@ def _shard(args: argparse.Namespace) -> int:
         max_count=args.shard_max_count,
         max_bytes=int(args.shard_max_bytes),
     )
-    manifest = write_shards(args.sources, args.out, params, jobs=args.jobs)
+    try:
+        manifest = write_shards(args.sources, args.out, params, jobs=args.jobs)
+    except WorkerDiedError as error:
+        print(f"music2vec shard: stopped: {error}", file=sys.stderr)
+        return 1
     hours = manifest["total_seconds"] / 3600
     print(
         f"{manifest['total_samples']} clips ({hours:.2f} h) in {len(manifest['shards'])} shards under {args.out};"
@@ -39,16 +43,28 @@ def _shard(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from cluster.config import load_job_config
     from cluster.environment import from_environment, init_distributed
+    from cluster.lease import Lease
     from trainer.train import TrainingAbortedError, check_runnable, train
 
     cfg, _ = load_job_config(args.config, args.overrides)  # fails here, before any process group starts
     check_runnable(cfg)
     init_distributed(from_environment(), timeout_s=cfg.train.collective_timeout_s)
+    job_id = os.environ.get("SLURM_JOB_ID")  # under srun in a batch script of the user's own
+    restart = os.environ.get("SLURM_RESTART_COUNT")
+    lease = Lease(
+        "train",
+        job_id=job_id,
+        executor="slurm" if job_id else None,
+        restart=int(restart) if restart else None,
+        take_over=args.take_over,
+    )
     try:
-        summary = train(cfg, allow_config_change=args.allow_config_change)
+        summary = train(cfg, allow_config_change=args.allow_config_change, owner=lease)
     except TrainingAbortedError as error:
         print(f"music2vec train: aborted: {error}", file=sys.stderr)
         return 1
+    finally:
+        lease.release()
     if int(os.environ.get("RANK", "0")) == 0:
         ended = f"stopped by {summary.stopped_by}" if summary.stopped_by else "done"
         print(
@@ -65,11 +81,11 @@ def _launch(args: argparse.Namespace) -> int:
 
     experiment, cluster = load_job_config(args.config, args.overrides)
     cluster = with_flags(cluster, vars(args))
-    plan = plan_launch(experiment, cluster, allow_config_change=args.allow_config_change)
+    plan = plan_launch(experiment, cluster, allow_config_change=args.allow_config_change, take_over=args.take_over)
     if args.dry_run:
         print(describe(plan) + "\ndry run: nothing submitted")
         return 0
-    job = submit(plan, allow_config_change=args.allow_config_change)
+    job = submit(plan, allow_config_change=args.allow_config_change, take_over=args.take_over)
     print(
         f"submitted {cluster.executor} job {job.job_id}: {cluster.world_size} rank(s) training into {plan.run_dir};"
         f" logs in {job.paths.folder}; watch it with: music2vec status {plan.run_dir}",
@@ -124,10 +140,24 @@ def _nightly(args: argparse.Namespace) -> int:
     if args.every:
         raise ValueError(EVERY_NEEDS_SLURM)
     run_dirs = [Path(run_dir) for run_dir in args.run_dirs]
-    for run_dir, new_rows in nightly_runs(run_dirs, args.tasks, _probe_settings(args)).items():
-        if new_rows is not None:  # a busy run is said on stderr
-            print(f"{run_dir}: {new_rows} new result rows; report {run_dir / 'probes' / 'report.md'}")
-    return 0
+    outcomes = nightly_runs(run_dirs, args.tasks, _probe_settings(args))
+    return _report_nightly(outcomes)
+
+
+def _report_nightly(outcomes: dict[Path, int | str]) -> int:
+    """A line per run that got probed (a skipped or failed one was said on stderr as it happened)."""
+    for run_dir, outcome in outcomes.items():
+        if isinstance(outcome, int):
+            print(f"{run_dir}: {outcome} new result rows; report {run_dir / 'probes' / 'report.md'}")
+    return _nightly_status(outcomes)
+
+
+def _nightly_status(outcomes: dict[Any, int | str]) -> int:
+    """1 when a run failed (the others were probed all the same), else 0."""
+    failed = [str(run_dir) for run_dir, outcome in outcomes.items() if str(outcome).startswith("failed")]
+    if failed:
+        print(f"music2vec nightly: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _submit_nightly(args: argparse.Namespace) -> int:
@@ -164,6 +194,7 @@ def _submit_nightly(args: argparse.Namespace) -> int:
         result = job.result()
         following = f"; the next one is job {result['next_job']}" if result["next_job"] else ""
         print(f"job {job.job_id} done: new result rows {result['new_rows']}{following}")
+        return _nightly_status(result["new_rows"])
     return 0
 
 
@@ -254,6 +285,12 @@ def _add_experiment_arguments(parser: argparse.ArgumentParser, config_help: str,
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"config overrides, e.g. {example}")
     parser.add_argument(
         "--allow-config-change", action="store_true", help="continue a run directory whose config was different"
+    )
+    parser.add_argument(
+        "--take-over",
+        action="store_true",
+        help="take the run directory over from a run whose end cannot be confirmed (its scheduler does not answer,"
+        " or it ran on another host); make sure it has ended",
     )
 
 

@@ -27,9 +27,16 @@ from trainer.config import ExperimentConfig
 
 class TrainingJob(submitit.helpers.Checkpointable):
     def __init__(
-        self, cfg: ExperimentConfig, *, workdir: str, gpus_per_node: int, allow_config_change: bool = False
+        self,
+        cfg: ExperimentConfig,
+        *,
+        workdir: str,
+        gpus_per_node: int,
+        executor: str = "slurm",
+        allow_config_change: bool = False,
     ) -> None:
         self.cfg = cfg
+        self.executor = executor  # "slurm" or "local": how the run directory's lease tells whether the job lives
         self.workdir = workdir  # relative paths in the config (run_dir, shards) mean what they meant at launch
         self.gpus_per_node = gpus_per_node  # > 0: a rank that cannot use a GPU refuses to train on the CPU
         self.allow_config_change = allow_config_change
@@ -47,9 +54,10 @@ class TrainingJob(submitit.helpers.Checkpointable):
         import torch.distributed as dist  # the heavy imports come after: they take seconds
 
         from cluster.environment import from_submitit, init_distributed
+        from cluster.lease import Lease
         from trainer.collectives import reduce_scalar
         from trainer.layout import latest_complete
-        from trainer.train import TrainingAbortedError, train
+        from trainer.train import train
 
         os.chdir(self.workdir)
         environment = from_submitit()
@@ -57,22 +65,26 @@ class TrainingJob(submitit.helpers.Checkpointable):
         run_dir = Path(self.cfg.train.run_dir)
         attempt = _AttemptLog(run_dir, enabled=environment.rank == 0)
         attempt.started(_step(latest_complete(run_dir)), world_size=environment.world_size)
+        # Held by rank 0 from the start of training; kept across a requeue, which the next attempt takes over.
+        lease = Lease("train", job_id=attempt.job_id, executor=self.executor, restart=attempt.restart)
 
         try:
-            summary = train(self.cfg, allow_config_change=self.allow_config_change, stop=stop)
-        except TrainingAbortedError as error:
-            attempt.ended(_step(latest_complete(run_dir)), f"aborted: {error}")
-            raise
+            summary = train(self.cfg, allow_config_change=self.allow_config_change, stop=stop, owner=lease)
         except BaseException as error:
-            attempt.ended(_step(latest_complete(run_dir)), f"failed: {type(error).__name__}: {error}")
+            attempt.ended(_step(latest_complete(run_dir)), _why_it_ended(error))
+            lease.release()
             raise
 
         stop.uninstall()  # a late signal must not kill a process that is about to requeue or return
-        requeue = reduce_scalar(float(requeue_signal in stop.signals)) > 0  # rank 0 requeues if any rank was asked
+        # Rank 0 requeues if any rank was asked to, unless the run is finished: a warning that came after the last
+        # update's stop check has nothing left to continue.
+        finished = summary.end_step >= self.cfg.optim.max_updates  # the same on every rank
+        requeue = not finished and reduce_scalar(float(requeue_signal in stop.signals)) > 0
         if requeue:
             attempt.ended(summary.end_step, f"requeue ({requeue_signal.name})")
         else:
-            attempt.ended(summary.end_step, f"stopped ({stop.reason})" if stop.reason else "done")
+            attempt.ended(summary.end_step, f"stopped ({stop.reason})" if summary.stopped_by else "done")
+            lease.release()
         if requeue and callable(submitit_requeue):
             dist.destroy_process_group()
             submitit_requeue(requeue_signal, None)  # rank 0: resubmit + requeue, then exit; other ranks return
@@ -108,6 +120,16 @@ class _AttemptLog:
     def ended(self, step: int, reason: str) -> None:
         if self.enabled:
             attempts.record(self.run_dir, "ended", job_id=self.job_id, restart=self.restart, step=step, reason=reason)
+
+
+def _why_it_ended(error: BaseException) -> str:
+    from trainer.train import TrainingAbortedError
+
+    if isinstance(error, TrainingAbortedError):
+        return f"aborted: {error}"
+    if isinstance(error, ValueError):
+        return f"refused: {error}"  # before training: the run directory is another run's, or not this user's
+    return f"failed: {type(error).__name__}: {error}"
 
 
 def _step(latest: tuple[int, Path] | None) -> int:

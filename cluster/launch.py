@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,18 +18,15 @@ from typing import Any
 import submitit
 from omegaconf import OmegaConf
 
-from cluster import attempts
+from cluster import attempts, lease
 from cluster.config import ClusterConfig
 from cluster.job import TrainingJob
-from cluster.status import job_state
 from data.audio import SAMPLE_RATE
 from data.loader import check_shard_count, shard_urls
 from trainer.config import ExperimentConfig, check_run_dir
 from trainer.ds_config import deepspeed_config
+from trainer.rundir import check_writers, open_run_dir
 from trainer.toolchain import check_toolchain
-
-# Job states (squeue / sacct) under which a job may still write into its run directory.
-ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "SUSPENDED"}
 
 
 @dataclass(frozen=True)
@@ -43,7 +41,9 @@ class LaunchPlan:
         return self.workdir / self.experiment.train.run_dir
 
 
-def plan_launch(experiment: ExperimentConfig, cluster: ClusterConfig, *, allow_config_change: bool) -> LaunchPlan:
+def plan_launch(
+    experiment: ExperimentConfig, cluster: ClusterConfig, *, allow_config_change: bool, take_over: bool = False
+) -> LaunchPlan:
     """Validate a launch without submitting anything; each problem is a ValueError naming the key, file or value."""
     experiment = replace(experiment, data=experiment.data.sized_for(cluster.cpus_per_task))
     if experiment.train.precision == "fp16" and cluster.gpus_per_node == 0:
@@ -55,7 +55,9 @@ def plan_launch(experiment: ExperimentConfig, cluster: ClusterConfig, *, allow_c
     plan = LaunchPlan(experiment, cluster, shards, Path.cwd())
     check_run_dir(experiment, plan.run_dir, allow_config_change=allow_config_change)
     check_writable(plan.run_dir)
-    check_not_running(plan.run_dir)
+    if plan.run_dir.is_dir():
+        check_writers(plan.run_dir, shared_group=experiment.train.shared_group)
+    lease.check_free(plan.run_dir, take_over=take_over)
     return plan
 
 
@@ -78,19 +80,6 @@ def check_writable(run_dir: Path) -> None:
     existing = next(folder for folder in (run_dir, *run_dir.parents) if folder.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"train.run_dir={run_dir} cannot be written: {existing} is not a writable folder")
-
-
-def check_not_running(run_dir: Path) -> None:
-    """Two jobs writing one run directory would overwrite each other's checkpoints."""
-    job = attempts.latest_job(run_dir)
-    if job is None:
-        return
-    state = job_state(job)
-    if state in ACTIVE_STATES:
-        raise ValueError(
-            f"{run_dir} already has job {job.job_id} ({state}); wait for it, or cancel it (scancel {job.job_id})"
-            " and launch again to resume"
-        )
 
 
 def describe(plan: LaunchPlan) -> str:
@@ -169,26 +158,33 @@ def local_parameters(cluster: ClusterConfig) -> dict[str, Any]:
     }
 
 
-def submit(plan: LaunchPlan, *, allow_config_change: bool) -> submitit.Job:
-    """Queue the job (SLURM) or start it (local processes), and note the submission in the run directory."""
-    folder = job_folder(plan)
+def submit(plan: LaunchPlan, *, allow_config_change: bool, take_over: bool = False) -> submitit.Job:
+    """Queue the job (SLURM) or start it (local processes), holding the run directory's lease for it, and note the
+    submission in the run directory."""
     if plan.cluster.executor == "slurm" and shutil.which("sbatch") is None:  # a dry run needs no SLURM; this does
         raise ValueError(
             "cluster.executor=slurm, but sbatch is not on PATH: launch from a SLURM login node, or --executor local"
         )
-    if plan.cluster.executor == "slurm":
-        executor: submitit.Executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=plan.cluster.max_requeues)
-        executor.update_parameters(**slurm_parameters(plan.cluster))
-    else:
-        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=plan.cluster.max_requeues)
-        executor.update_parameters(**local_parameters(plan.cluster))
-    job = TrainingJob(
-        plan.experiment,
-        workdir=str(plan.workdir),
-        gpus_per_node=plan.cluster.gpus_per_node,
-        allow_config_change=allow_config_change,
-    )
-    submitted = executor.submit(job)
+    open_run_dir(plan.run_dir, shared_group=plan.experiment.train.shared_group)  # the job inherits the umask
+    claim = lease.Lease("launch", take_over=take_over)
+    taken_over = claim.claim(plan.run_dir)  # of two launches at the same moment, one gets here
+    if taken_over:
+        print(taken_over, file=sys.stderr, flush=True)
+    try:
+        submitted = executor(plan).submit(
+            TrainingJob(
+                plan.experiment,
+                workdir=str(plan.workdir),
+                gpus_per_node=plan.cluster.gpus_per_node,
+                executor=plan.cluster.executor,
+                allow_config_change=allow_config_change,
+            )
+        )
+    except BaseException:
+        claim.release()
+        raise
+    local = plan.cluster.executor == "local"
+    claim.hand_to_job(submitted.job_id, plan.cluster.executor, pid=int(submitted.job_id) if local else None)
     attempts.record(
         plan.run_dir,
         "submitted",
@@ -198,6 +194,17 @@ def submit(plan: LaunchPlan, *, allow_config_change: bool) -> submitit.Job:
         logs=str(submitted.paths.folder),
     )
     return submitted
+
+
+def executor(plan: LaunchPlan) -> submitit.Executor:
+    folder = job_folder(plan)
+    if plan.cluster.executor == "slurm":
+        slurm = submitit.SlurmExecutor(folder=folder, max_num_timeout=plan.cluster.max_requeues)
+        slurm.update_parameters(**slurm_parameters(plan.cluster))
+        return slurm
+    local = submitit.LocalExecutor(folder=folder, max_num_timeout=plan.cluster.max_requeues)
+    local.update_parameters(**local_parameters(plan.cluster))
+    return local
 
 
 def job_folder(plan: LaunchPlan) -> Path:

@@ -35,7 +35,10 @@ _PLAIN_STATES = {
     "OUT_OF_MEMORY": "failed",
     "BOOT_FAIL": "failed",
     "DEADLINE": "failed",
+    "NOT_QUEUED": "ended",
 }
+# States under which a job may still write into its run directory.
+ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "SUSPENDED"}
 _COLUMNS = ("run", "job", "state", "step", "loss", "audio-s/s", "finishes in", "checkpoint", "probes")
 
 
@@ -97,16 +100,28 @@ def job_state(job: attempts.JobHistory) -> str:
     """SLURM's state word for the job (PENDING, RUNNING, COMPLETED, ...), or UNKNOWN."""
     if job.executor == "local":
         return _local_state(job)
-    live = _command(["squeue", "--noheader", "--jobs", job.job_id, "--format", "%T"])
-    if live:
-        return live.split()[0]
-    accounted = _command(["sacct", "--noheader", "--parsable2", "--allocations", "--jobs", job.job_id, "-o", "State"])
-    return accounted.split()[0] if accounted else "UNKNOWN"
+    return slurm_state(job.job_id) or "UNKNOWN"
+
+
+def slurm_state(job_id: str) -> str | None:
+    """SLURM's state word for a job: from the queue, or from accounting once it left the queue (NOT_QUEUED when
+    accounting does not know it either); None when the scheduler did not answer."""
+    queued = _command(["squeue", "--noheader", "--jobs", job_id, "--format", "%T"])
+    if queued is None:
+        return None
+    if queued.stdout.strip():
+        return queued.stdout.split()[0]
+    if queued.returncode != 0 and "Invalid job id" not in queued.stderr:
+        return None  # the controller is down or unreachable: the job may well be running
+    accounted = _command(["sacct", "--noheader", "--parsable2", "--allocations", "--jobs", job_id, "-o", "State"])
+    records = accounted.stdout.split("\n") if accounted is not None and accounted.returncode == 0 else []
+    states = [record.split()[0] for record in records if record.strip()]  # "CANCELLED by 1000" -> CANCELLED
+    return states[-1] if states else "NOT_QUEUED"  # the newest record
 
 
 def _local_state(job: attempts.JobHistory) -> str:
     """A local job is the submitit controller process whose PID is the job id."""
-    if _process_alive(int(job.job_id)):
+    if process_alive(int(job.job_id)):
         return "RUNNING"
     last = job.attempts[-1] if job.attempts else None
     if last is None or last.reason is None:
@@ -116,22 +131,43 @@ def _local_state(job: attempts.JobHistory) -> str:
     return "CANCELLED" if last.reason.startswith("stopped") else "FAILED"
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int, started: int | None = None) -> bool:
+    """Whether process `pid` of this machine is alive (not a zombie); with `started` (`process_started`), whether it
+    is still the same process, not a later one that was given the same number."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    return not stat.is_file() or stat.read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+        pass  # another user's process: alive
+    fields = _proc_stat(pid)
+    if fields is None:
+        return True  # no /proc to say more
+    return fields[0] != "Z" and (started is None or int(fields[19]) == started)
 
 
-def _command(argv: list[str]) -> str:
+def process_started(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (/proc/PID/stat's 22nd field); None without /proc."""
+    fields = _proc_stat(pid)
+    return int(fields[19]) if fields else None
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (which may hold spaces): state, ppid, ..."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+    except OSError:
+        return None
+
+
+def _command(argv: list[str]) -> subprocess.CompletedProcess[str] | None:
+    """The command's result; None when it is not installed or did not answer within 30 s."""
     if shutil.which(argv[0]) is None:
-        return ""
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)  # noqa: S603 - fixed argv
-    return result.stdout.strip() if result.returncode == 0 else ""
+        return None
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)  # noqa: S603 - fixed argv
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def _job_cell(job: attempts.JobHistory | None) -> str:

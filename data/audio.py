@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import torchaudio.functional
 
 SAMPLE_RATE = 16_000
 NORMALIZE_EPS = 1e-5  # fairseq's F.layer_norm(wav, wav.shape) default
+LOWPASS_FILTER_WIDTH, ROLLOFF = 6, 0.99  # torchaudio.functional.resample's defaults, which `resample` uses
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,41 @@ def decode_file(path: str | Path) -> Decoded:
     audio, rate = sf.read(path, dtype="float32", always_2d=True)  # (sample, channel)
     mono = audio.mean(axis=1)
     return Decoded(resample(mono, rate), rate, audio.shape[1])
+
+
+def decode_blocks(path: str | Path, *, block_seconds: float = 30.0) -> Iterator[Decoded]:
+    """`decode_file`'s audio in consecutive pieces of about `block_seconds`, in memory that does not grow with the
+    file: a two-hour input costs what one block does. Each block is resampled with enough of its neighbours'
+    samples around it that the sinc filter sees what it sees in the whole file; the pieces join to what
+    `decode_file` gives, to float rounding."""
+    with sf.SoundFile(path) as source:
+        rate, channels = source.samplerate, source.channels
+        step_in, step_out = rate // math.gcd(rate, SAMPLE_RATE), SAMPLE_RATE // math.gcd(rate, SAMPLE_RATE)
+        block = max(1, round(block_seconds * rate / step_in)) * step_in  # whole resampling periods
+        context = 0 if rate == SAMPLE_RATE else (-(-_sinc_width(step_in, step_out) // step_in) + 1) * step_in
+        held, held_from, done = np.empty(0, dtype=np.float32), 0, 0  # held[0] is input sample held_from
+        while True:
+            read = source.read(block, dtype="float32", always_2d=True)
+            finished = len(read) < block
+            held = np.concatenate([held, read.mean(axis=1)])
+            end = held_from + len(held)
+            upto = end if finished else (end - context) // step_in * step_in  # what has its right context
+            if upto > done:
+                left, right = max(done - context, 0), min(upto + context, end)
+                resampled = resample(held[left - held_from : right - held_from], rate)
+                skip = (done - left) // step_in * step_out
+                count = -(-(upto - done) * step_out // step_in)
+                yield Decoded(resampled[skip : skip + count], rate, channels)
+                done = upto
+                keep = max(done - context, 0)
+                held, held_from = held[keep - held_from :], keep
+            if finished:
+                return
+
+
+def _sinc_width(step_in: int, step_out: int) -> int:
+    """How many input samples torchaudio's default sinc kernel reaches beyond its own period (its `width`)."""
+    return math.ceil(LOWPASS_FILTER_WIDTH * step_in / (min(step_in, step_out) * ROLLOFF))
 
 
 def resample(audio: np.ndarray, rate: int) -> np.ndarray:

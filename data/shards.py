@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -26,7 +30,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from data import jsonlines
-from data.audio import SAMPLE_RATE, decode_file, encode_flac
+from data.audio import SAMPLE_RATE, Decoded, decode_blocks, encode_flac
 
 LIST_SUFFIXES = {".txt", ".lst", ".list"}  # a text file naming one audio path per line
 AUDIO_SUFFIXES = {f".{ext.lower()}" for ext in sf.available_formats()} | {
@@ -43,6 +47,7 @@ SILENCE_PEAK = 1e-4  # -80 dBFS: a file whose loudest sample is below this is si
 MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
 PROGRESS = "progress.jsonl"
+NAMED_IN_FLIGHT = 3  # files named when a decoding process dies: the oldest first, the likeliest culprit
 
 
 @dataclass(frozen=True)
@@ -114,48 +119,76 @@ def read_labels(path: str) -> dict[str, Any]:
 
 
 def process_file(job: tuple[int, str, str, ShardParams]) -> FileResult:
-    """Decode one input and cut it into clips; never raises for a bad file, returns its rejection instead."""
+    """Decode one input, block by block, and cut it into clips; never raises for a bad file, returns its rejection
+    instead. Memory holds a block of the input and the clips' FLAC bytes, whatever the input's length."""
     index, path, name, params = job
     result = FileResult(index)
     try:
-        decoded = decode_file(path)
+        labels, labels_error = read_labels(path), None
+    except ValueError as error:
+        labels, labels_error = {}, str(error)
+    try:
+        peak, seconds = _cut_into_clips(result, path, name, params, labels)
     except Exception as error:  # noqa: BLE001 - any unreadable input is a rejection, never a crash
         result.rejection = {"reason": "unreadable", "detail": f"{type(error).__name__}: {error}"}
-        return result
-    try:
-        labels = read_labels(path)
-    except ValueError as error:
-        result.rejection = {"reason": "invalid labels", "detail": str(error)}
-        return result
-    audio = decoded.audio
-    duration = audio.size / SAMPLE_RATE
-    if not np.isfinite(audio).all():
-        result.rejection = {"reason": "non-finite samples"}
-    elif duration < params.min_seconds:
-        result.rejection = {"reason": "too short", "detail": f"{duration:.2f} s < {params.min_seconds} s"}
-    elif np.abs(audio).max() < SILENCE_PEAK:
-        result.rejection = {"reason": "silent"}
+    else:
+        if labels_error:
+            result.rejection = {"reason": "invalid labels", "detail": labels_error}
+        elif not np.isfinite(peak):
+            result.rejection = {"reason": "non-finite samples"}
+        elif seconds < params.min_seconds:
+            result.rejection = {"reason": "too short", "detail": f"{seconds:.2f} s < {params.min_seconds} s"}
+        elif peak < SILENCE_PEAK:
+            result.rejection = {"reason": "silent"}
     if result.rejection:
-        return result
-    clip_samples = round(params.clip_seconds * SAMPLE_RATE)
-    for clip, start in enumerate(range(0, audio.size, clip_samples)):
-        piece = audio[start : start + clip_samples]
-        if piece.size < params.min_seconds * SAMPLE_RATE:
-            break
-        record = {
-            "source": path,
-            "offset": start / SAMPLE_RATE,
-            "duration": piece.size / SAMPLE_RATE,
-            "sample_rate": SAMPLE_RATE,
-            "original_sample_rate": decoded.original_rate,
-            "original_channels": decoded.original_channels,
-            "labels": labels,
-        }
-        result.samples.append(
-            {"__key__": clip_key(name, clip), "flac": encode_flac(piece), "json": json.dumps(record, sort_keys=True)}
-        )
-        result.seconds.append(piece.size / SAMPLE_RATE)
+        result.samples, result.seconds = [], []
     return result
+
+
+def _cut_into_clips(
+    result: FileResult, path: str, name: str, params: ShardParams, labels: dict[str, Any]
+) -> tuple[float, float]:
+    """Append the clips of `path` to `result` as its blocks are decoded: every whole clip, and a last one of at
+    least `min_seconds`. Returns the input's peak (NaN once a sample is not finite, which stops it) and length."""
+    clip_samples = round(params.clip_seconds * SAMPLE_RATE)
+    waiting, offset, peak = np.empty(0, dtype=np.float32), 0, 0.0  # samples of the next clip, where it starts
+    for block in decode_blocks(path):
+        if not np.isfinite(block.audio).all():
+            return float("nan"), 0.0
+        peak = max(peak, float(np.abs(block.audio).max(initial=0.0)))
+        waiting = np.concatenate([waiting, block.audio])
+        while waiting.size >= clip_samples:
+            _add_clip(result, waiting[:clip_samples], offset=offset, path=path, name=name, block=block, labels=labels)
+            waiting, offset = waiting[clip_samples:], offset + clip_samples
+    if waiting.size >= params.min_seconds * SAMPLE_RATE:
+        _add_clip(result, waiting, offset=offset, path=path, name=name, block=block, labels=labels)
+    return peak, (offset + waiting.size) / SAMPLE_RATE
+
+
+def _add_clip(
+    result: FileResult,
+    piece: np.ndarray,
+    *,
+    offset: int,
+    path: str,
+    name: str,
+    block: Decoded,
+    labels: dict[str, Any],
+) -> None:
+    record = {
+        "source": path,
+        "offset": offset / SAMPLE_RATE,
+        "duration": piece.size / SAMPLE_RATE,
+        "sample_rate": SAMPLE_RATE,
+        "original_sample_rate": block.original_rate,
+        "original_channels": block.original_channels,
+        "labels": labels,
+    }
+    clip = len(result.samples)
+    result.samples.append(
+        {"__key__": clip_key(name, clip), "flac": encode_flac(piece), "json": json.dumps(record, sort_keys=True)}
+    )
+    result.seconds.append(piece.size / SAMPLE_RATE)
 
 
 class _Journal:
@@ -180,6 +213,7 @@ class _ShardSink:
         self.next_position = start  # (input index, clip index) of the clip about to be written
         self.samples = 0
         self.seconds = 0.0
+        self.abandoned = False  # the run failed: the open shard is dropped, as a kill would leave it
         self._files: dict[str, BinaryIO] = {}
 
     def open(self, fname: str) -> BinaryIO:
@@ -192,8 +226,8 @@ class _ShardSink:
         os.fsync(stream.fileno())
         stream.close()
         partial = Path(fname + ".partial")
-        if not self.samples:
-            partial.unlink()
+        if not self.samples or self.abandoned:
+            partial.unlink()  # an abandoned shard is written again, whole, by the run that resumes
             return
         partial.replace(fname)
         entry = {"shard": Path(fname).name, "samples": self.samples, "seconds": round(self.seconds, 6)}
@@ -229,43 +263,68 @@ def write_shards(
         opener=sink.open,
         mtime=0.0,  # identical inputs give byte-identical tars
     )
-    with writer, _pool(jobs) as pool:
+    with writer:
         names = input_names(paths)
         todo = [(index, paths[index], names[index], params) for index in range(start_file, len(paths))]
-        results = pool.imap(process_file, todo) if pool else map(process_file, todo)
-        for result in tqdm(results, total=len(todo), desc="shard", unit="file", disable=not progress):
-            if result.rejection:
-                rejection = {"index": result.index, "path": paths[result.index], **result.rejection}
-                rejections.append(rejection)
-                jsonlines.append(out / REJECTED, [rejection])
-            first_clip = start_clip if result.index == start_file else 0
-            for clip, (sample, seconds) in enumerate(zip(result.samples, result.seconds, strict=True)):
-                if clip < first_clip:
-                    continue
-                sink.next_position = (result.index, clip)
-                writer.write(sample)
-                sink.samples += 1
-                sink.seconds += seconds
+        results = processed_in_order(todo, jobs=jobs)
+        try:
+            for result in tqdm(results, total=len(todo), desc="shard", unit="file", disable=not progress):
+                if result.rejection:
+                    rejection = {"index": result.index, "path": paths[result.index], **result.rejection}
+                    rejections.append(rejection)
+                    jsonlines.append(out / REJECTED, [rejection])
+                first_clip = start_clip if result.index == start_file else 0
+                for clip, (sample, seconds) in enumerate(zip(result.samples, result.seconds, strict=True)):
+                    if clip < first_clip:
+                        continue
+                    sink.next_position = (result.index, clip)
+                    writer.write(sample)
+                    sink.samples += 1
+                    sink.seconds += seconds
+        except BaseException:
+            sink.abandoned = True  # closing the writer must not journal a shard cut short
+            raise
         sink.next_position = (len(paths), 0)
     return _write_manifest(out, journal.read(), run_params, rejections)
 
 
-def _pool(jobs: int) -> Any:
+def processed_in_order(todo: list[tuple[int, str, str, ShardParams]], *, jobs: int) -> Iterator[FileResult]:
+    """`process_file` of each job, in order, by `jobs` processes, at most two jobs each ahead of the consumer (so
+    results never pile up in memory). A process that dies (the out-of-memory killer) ends this with
+    WorkerDiedError, rather than leaving the results it owed awaited forever."""
     if jobs <= 1:
-        return _NoPool()
-    return multiprocessing.get_context("spawn").Pool(jobs, initializer=_one_thread_per_worker)
+        yield from map(process_file, todo)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_one_thread_per_worker) as pool:
+        waiting = iter(todo)
+        in_flight = deque((pool.submit(process_file, job), job[1]) for job in itertools.islice(waiting, 2 * jobs))
+        while in_flight:
+            future = in_flight[0][0]
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                raise WorkerDiedError(_worker_died([path for _, path in in_flight])) from None
+            in_flight.popleft()
+            in_flight.extend((pool.submit(process_file, job), job[1]) for job in itertools.islice(waiting, 1))
+            yield result
+
+
+class WorkerDiedError(RuntimeError):
+    """A decoding process was killed; what was written before is kept and the run resumes from it."""
+
+
+def _worker_died(in_flight: list[str]) -> str:
+    named = ", ".join(in_flight[:NAMED_IN_FLIGHT]) + (", ..." if len(in_flight) > NAMED_IN_FLIGHT else "")
+    return (
+        f"a decoding process died while these files were being decoded: {named}. The system killed it, most often"
+        " for lack of memory (dmesg says). The shards written so far are kept: run the same command again to"
+        " resume, with fewer --jobs if memory is short"
+    )
 
 
 def _one_thread_per_worker() -> None:
     torch.set_num_threads(1)  # the pool is the parallelism; torch's own threads would oversubscribe the cores
-
-
-class _NoPool:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _digest(paths: list[str]) -> str:

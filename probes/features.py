@@ -9,13 +9,16 @@ trying another head never extracts twice.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import soundfile
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -24,6 +27,7 @@ from tqdm import tqdm
 from data.audio import SAMPLE_RATE, clip_stats, decode_file
 from model import Data2VecAudio, load_hf
 from model.hf import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
+from probes.datasets.files import DatasetError
 from probes.tasks import Example, Task
 
 WINDOW_SECONDS = 30.0
@@ -79,7 +83,9 @@ def task_features(
     precision: FeaturePrecision = "fp32",
     progress: bool = True,
 ) -> Features:
-    """The features of every example, from the cache or extracted now (on the GPU when there is one)."""
+    """The features of every example, from the cache or extracted now (on the GPU when there is one). An extraction
+    that stops at a bad file keeps what it extracted before it, so the next one, once the file is fixed, starts
+    there."""
     folder = model_folder(checkpoint)
     suffix = "" if precision == "fp32" else f".{precision}"
     path = (cache or default_cache()) / weights_digest(folder) / f"{task.name}{suffix}.safetensors"
@@ -91,22 +97,90 @@ def task_features(
         if stored_path.is_file() and _stored_identity(stored_path) == identity:
             stored = load_file(stored_path)
             return Features(stored["values"], stored["example"])
+    progress_path = path.with_suffix(".progress")
+    done = _load_progress(progress_path, identity, files)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     encoder = load_hf(folder).to(device)
-    features = extract(
+
+    def keep_progress(features: Features, files_done: int) -> None:
+        if done.files + files_done == 0:
+            return
+        _save(progress_path, _joined(done, features, offset=done.files), identity, files[: done.files + files_done])
+
+    rest = extract(
         encoder,
-        files,
+        files[done.files :],
         min_window_seconds=task.min_window_seconds,
         precision=precision,
         progress=progress,
         desc=task.name,
+        on_failure=keep_progress,
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    tensors = {"values": features.values, "example": features.example, "files": _identity_tensor(identity)}
-    save_file(tensors, partial)
-    partial.rename(path)  # a killed extraction leaves no cache entry that looks complete
+    features = _joined(done, rest, offset=done.files)
+    _check_finite(features, files, folder)
+    _save(path, features, identity, files=None)
+    progress_path.unlink(missing_ok=True)
     return features
+
+
+@dataclass(frozen=True)
+class _Progress:
+    """The features of the first `files` files of an extraction that stopped."""
+
+    features: Features
+    files: int
+
+
+def _load_progress(path: Path, identity: str, files: list[str]) -> _Progress:
+    """What an earlier extraction of the same files kept: its leading files that have not changed since."""
+    nothing = _Progress(Features(torch.empty(0), torch.empty(0, dtype=torch.int64)), 0)
+    if not path.is_file():
+        return nothing
+    stored = load_file(path)
+    if _identity_of(stored) != identity:
+        return nothing
+    unchanged = 0
+    for file, signature in zip(files, stored["signatures"].tolist(), strict=False):
+        if _signature(file) != signature:
+            break
+        unchanged += 1
+    keep = stored["example"] < unchanged
+    return _Progress(Features(stored["values"][keep], stored["example"][keep]), unchanged)
+
+
+def _joined(done: _Progress, more: Features, *, offset: int) -> Features:
+    if done.files == 0:
+        return more
+    values = torch.cat([done.features.values, more.values]) if len(more.example) else done.features.values
+    return Features(values, torch.cat([done.features.example, more.example + offset]))
+
+
+def _save(path: Path, features: Features, identity: str, files: list[str] | None) -> None:
+    """A cache entry (`files` None) or an extraction's progress (the files it covers, to tell them unchanged);
+    written to a temporary name first, so that no entry looks complete that is not."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"values": features.values, "example": features.example, "files": _identity_tensor(identity)}
+    if files is not None:
+        tensors["signatures"] = torch.tensor([_signature(file) for file in files], dtype=torch.int64).reshape(-1, 2)
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, partial)
+    partial.rename(path)
+
+
+def _signature(file: str) -> list[int]:
+    """What tells a fixed file from the one that failed: its size and modification time."""
+    status = Path(file).stat()
+    return [status.st_size, status.st_mtime_ns]
+
+
+def _check_finite(features: Features, files: list[str], folder: Path) -> None:
+    finite = torch.isfinite(features.values).flatten(1).all(dim=1)
+    if not finite.all():
+        file = files[int(features.example[~finite][0])]
+        raise ValueError(
+            f"{folder}: its encoder's features of {file} are not finite: the checkpoint's weights overflow on it (a"
+            " diverged run, or try --precision fp32); nothing was cached or written"
+        )
 
 
 @torch.inference_mode()
@@ -119,36 +193,84 @@ def extract(
     precision: FeaturePrecision = "fp32",
     progress: bool = True,
     desc: str = "features",
+    on_failure: Callable[[Features, int], None] | None = None,
 ) -> Features:
     """Every window of every file, on the device the encoder is on; the encoder is left as it was (in eval mode
     while extracting). Windows of one length go through the encoder together across files (most windows are a
     full 30 s); a batch never holds padding, and no more than twice a batch waits for company (a dataset whose clips
     all differ by a few samples, as MagnaTagATune's do, would otherwise be held in memory whole). `bf16` runs the
-    encoder under bf16 autocast and pools in fp32."""
+    encoder under bf16 autocast and pools in fp32. A file that cannot be decoded, or holds non-finite samples, is a
+    DatasetError naming it; `on_failure` is then given the features of the files before it, and how many."""
     device = next(encoder.parameters()).device
     pending: dict[int, list[tuple[int, np.ndarray]]] = {}  # window length -> (window number, window) to encode
     pooled: dict[int, torch.Tensor] = {}  # window number -> (layer, dim)
     owners: list[int] = []
     was_training = encoder.training
     encoder.eval()
+    index = 0
     try:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            for index, file in enumerate(tqdm(files, desc=desc, unit="file", disable=not progress)):
-                for window in windows(normalized(decode_file(file).audio), min_window_seconds):
-                    same_length = pending.setdefault(len(window), [])
-                    same_length.append((len(owners), window))
-                    owners.append(index)
-                    if len(same_length) == windows_per_batch:
-                        pooled |= _encode(encoder, pending.pop(len(window)), device)
-                    elif sum(map(len, pending.values())) > 2 * windows_per_batch:  # the longest-waiting length goes
-                        pooled |= _encode(encoder, pending.pop(next(iter(pending))), device)
-            for batch in pending.values():
-                pooled |= _encode(encoder, batch, device)
+            try:
+                for index, file in enumerate(tqdm(files, desc=desc, unit="file", disable=not progress)):
+                    for window in windows(_decoded(file), min_window_seconds):
+                        same_length = pending.setdefault(len(window), [])
+                        same_length.append((len(owners), window))
+                        owners.append(index)
+                        if len(same_length) == windows_per_batch:
+                            pooled |= _encode(encoder, pending.pop(len(window)), device)
+                        elif sum(map(len, pending.values())) > 2 * windows_per_batch:  # the longest-waiting goes
+                            pooled |= _encode(encoder, pending.pop(next(iter(pending))), device)
+                for batch in pending.values():
+                    pooled |= _encode(encoder, batch, device)
+            except Exception:
+                if on_failure is not None:
+                    on_failure(
+                        *_encode_files_before(index, pending=pending, pooled=pooled, owners=owners, encoder=encoder)
+                    )
+                raise
     finally:
         encoder.train(was_training)
     if not owners:
         raise ValueError(f"no file had {min_window_seconds} s of audio to extract features from")
     return Features(torch.stack([pooled[number] for number in range(len(owners))]), torch.tensor(owners))
+
+
+def _encode_files_before(
+    failed: int,
+    *,
+    pending: dict[int, list[tuple[int, np.ndarray]]],
+    pooled: dict[int, torch.Tensor],
+    owners: list[int],
+    encoder: Data2VecAudio,
+) -> tuple[Features, int]:
+    """The features of the leading files whose windows are all encoded, and how many files that is: the files
+    before the one that failed, their windows still waiting encoded now (unless the encoder itself failed)."""
+    device = next(encoder.parameters()).device
+    with contextlib.suppress(Exception):  # the encoder itself may be what failed (out of memory)
+        for batch in pending.values():
+            waiting = [(number, window) for number, window in batch if owners[number] < failed]
+            pooled |= _encode(encoder, waiting, device) if waiting else {}
+    files = min((owner for number, owner in enumerate(owners) if number not in pooled), default=failed)
+    files = min(files, failed)
+    numbers = [number for number, owner in enumerate(owners) if owner < files]
+    values = torch.stack([pooled[number] for number in numbers]) if numbers else torch.empty(0)
+    return Features(values, torch.tensor([owners[number] for number in numbers], dtype=torch.int64)), files
+
+
+def _decoded(file: str) -> np.ndarray:
+    """The file decoded and normalised; a DatasetError naming it when it cannot be, or holds non-finite samples."""
+    if not Path(file).is_file():
+        raise DatasetError(f"{file}: missing; download or unpack the dataset's audio there")
+    try:
+        audio = decode_file(file).audio
+    except (soundfile.LibsndfileError, RuntimeError) as error:
+        raise DatasetError(f"{file}: cannot be decoded ({error}); download it again, or remove it") from None
+    if audio.size == 0:
+        raise DatasetError(f"{file}: holds no audio samples; download it again, or remove it from the dataset")
+    mean, scale = clip_stats(audio)
+    if not np.isfinite(mean + scale):
+        raise DatasetError(f"{file}: holds samples that are not finite (NaN or infinity); re-encode it, or remove it")
+    return ((audio - mean) * scale).astype(np.float32)
 
 
 def _encode(
@@ -159,12 +281,6 @@ def _encode(
     hidden = encoder(audio, None).hidden_states
     pooled = torch.stack([state.float().mean(dim=1) for state in hidden], dim=1).cpu()  # (window, layer, dim)
     return {number: features for (number, _), features in zip(batch, pooled, strict=True)}
-
-
-def normalized(audio: np.ndarray) -> np.ndarray:
-    """Zero mean, unit variance over the whole file, exactly as the loader normalises clips for pretraining."""
-    mean, scale = clip_stats(audio)
-    return ((audio - mean) * scale).astype(np.float32)
 
 
 def windows(audio: np.ndarray, min_window_seconds: float = MIN_WINDOW_SECONDS) -> list[np.ndarray]:

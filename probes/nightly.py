@@ -21,7 +21,7 @@ from typing import Any
 
 from data import jsonlines
 from probes.probe import REGISTRY, ProbeSettings, probe
-from trainer.layout import PROBE_RESULTS, complete_checkpoints
+from trainer.layout import COMPLETE, PROBE_RESULTS, complete_checkpoints
 
 REPORT = Path("probes") / "report.md"
 
@@ -31,7 +31,9 @@ class RunBusyError(RuntimeError):
 
 
 def nightly(run_dir: Path, tasks: list[str], settings: ProbeSettings) -> list[dict[str, Any]]:
-    """Probe what is missing, write its TensorBoard scalars and results, regenerate the report; the new rows."""
+    """Probe what is missing, write its TensorBoard scalars and results, regenerate the report; the new rows. A
+    checkpoint that training prunes meanwhile is skipped; after any other failure the report still shows what the
+    results hold."""
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
     new_rows: list[dict[str, Any]] = []
@@ -42,29 +44,51 @@ def nightly(run_dir: Path, tasks: list[str], settings: ProbeSettings) -> list[di
             for step, folder in complete_checkpoints(run_dir):
                 for task in tasks:
                     missing = tuple(seed for seed in settings.seeds if (step, task, seed) not in done)
-                    if not missing or not (folder / "COMPLETE").is_file():  # pruned meanwhile: nothing to probe
-                        continue
-                    rows = probe(folder, [task], replace(settings, seeds=missing))
+                    rows = _probe_unless_pruned(folder, task, replace(settings, seeds=missing)) if missing else []
+                    if rows is None:
+                        break
                     scalars.write(step, rows)
                     jsonlines.append(run_dir / PROBE_RESULTS, rows)  # a task's rows all or none
                     new_rows += rows
         finally:
             scalars.close()
-        write_report(run_dir)
+            write_report(run_dir)
     return new_rows
 
 
-def nightly_runs(run_dirs: list[Path], tasks: list[str], settings: ProbeSettings) -> dict[Path, int | None]:
-    """`nightly` on each run directory: how many new rows each got, or None for one another job holds."""
-    return {run_dir: _new_rows_unless_busy(run_dir, tasks, settings) for run_dir in run_dirs}
+def _probe_unless_pruned(folder: Path, task: str, settings: ProbeSettings) -> list[dict[str, Any]] | None:
+    """The task's rows, or None when training pruned the checkpoint before or while it was read."""
+    try:
+        if (folder / COMPLETE).is_file():
+            return probe(folder, [task], settings)
+    except Exception as error:
+        if (folder / COMPLETE).is_file():  # still there: the failure is the checkpoint's or the task's
+            raise RuntimeError(f"probing {folder} on {task}: {type(error).__name__}: {error}") from error
+    print(
+        f"{folder}: skipped, pruned by its training run (train.keep_last) before it could be probed; probe more"
+        " often, or keep checkpoints for good with train.keep_every",
+        file=sys.stderr,
+        flush=True,
+    )
+    return None
 
 
-def _new_rows_unless_busy(run_dir: Path, tasks: list[str], settings: ProbeSettings) -> int | None:
+def nightly_runs(run_dirs: list[Path], tasks: list[str], settings: ProbeSettings) -> dict[Path, int | str]:
+    """`nightly` on each run directory, one after the other whatever happens to the others: how many new rows each
+    got, or why it got none (another job holds it, or it failed: said on stderr as it happens)."""
+    return {run_dir: _new_rows_or_why_not(run_dir, tasks, settings) for run_dir in run_dirs}
+
+
+def _new_rows_or_why_not(run_dir: Path, tasks: list[str], settings: ProbeSettings) -> int | str:
     try:
         return len(nightly(run_dir, tasks, settings))
     except RunBusyError as busy:
         print(f"skipped: {busy}", file=sys.stderr, flush=True)
-        return None
+        return f"skipped: {busy}"
+    except Exception as error:  # noqa: BLE001 - one run's failure must not cost the others their night
+        failure = f"failed: {type(error).__name__}: {error}"
+        print(f"{run_dir}: {failure}", file=sys.stderr, flush=True)
+        return failure
 
 
 def read_results(run_dir: Path) -> list[dict[str, Any]]:
@@ -87,6 +111,12 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RunBusyError(f"{path}: another nightly probe job is working on this run directory") from None
+        except OSError as error:  # ENOLCK, EOPNOTSUPP, ENOSYS: the filesystem has no flock
+            raise OSError(
+                f"{path}: cannot be locked ({error.strerror}): this filesystem does not support flock, which keeps"
+                " two nightly jobs off one run. Mount it with locking (NFS with its lock service, Lustre with"
+                " -o flock), or put the run directory on one that has it"
+            ) from None
         try:
             yield
         finally:

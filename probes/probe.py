@@ -4,6 +4,7 @@ per hidden state), song-level test scores as rows."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 import time
@@ -85,7 +86,19 @@ def probe(checkpoint: Path, tasks: list[str], settings: ProbeSettings) -> list[d
                     }
                     for metric, value in result.test.items()
                 ]
+    _check_finite(rows)
     return rows
+
+
+def _check_finite(rows: list[dict[str, Any]]) -> None:
+    """No score that is not a number reaches a results file: it would poison every mean over seeds after it."""
+    bad = next((row for row in rows if not math.isfinite(row["value"])), None)
+    if bad is not None:
+        raise ValueError(
+            f"probing {bad['checkpoint']} on {bad['task']} (seed {bad['seed']}) gave {bad['metric']}={bad['value']}:"
+            " the head diverged (try a lower --lr, or --standardize), or the test split cannot measure it (a label"
+            " it never holds). Nothing was written"
+        )
 
 
 def _layers(layers: tuple[int, ...] | Literal["all"] | None, *, hidden_states: int) -> list[int | None]:

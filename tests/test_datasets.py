@@ -3,23 +3,28 @@ left-out items as the protocols define them, and a clear error naming the file f
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import published_layouts as layouts
 import pytest
+import soundfile as sf
 import torch
+from safetensors.torch import load_file
 
 from data.demo import KEYS
-from model import Data2VecAudio, save_hf
+from model import Data2VecAudio, load_hf, save_hf
 from model.config import preset
 from probes.datasets import emomusic, giantsteps, gtzan, magnatagatune
 from probes.datasets.files import DatasetError
-from probes.features import extract
+from probes.features import extract, task_features
 from probes.nightly import write_report
 from probes.probe import REGISTRY
+from probes.tasks import Example
 
 MUSIC2VEC = str(Path(sys.executable).parent / "music2vec")
 
@@ -120,6 +125,14 @@ def copy_tree(published, tmp_path) -> Path:
          r"static_annotations\.csv, song_id 2: mean_arousal and mean_valence must be numbers"),
         ("emomusic", lambda r: _edit(r / "EMO" / "songs_info.csv", "Mediaeval 2013 set", "set"),
          r"songs_info\.csv: no column\(s\) \['Mediaeval 2013 set'\]"),
+        ("emomusic", lambda r: _append(r / "EMO" / "songs_info.csv", b"99,99.mp3,Beyonc\xe9,Song,0.0,"),
+         r"songs_info\.csv, line 15: not UTF-8 text \(byte 0xe9\); convert the file to UTF-8"),
+        ("gtzan", lambda r: _append(r / "GTZAN" / "test_filtered.txt", b"pop/caf\xe9.wav\n"),
+         r"test_filtered\.txt, line 11: not UTF-8 text \(byte 0xe9\)"),
+        ("gtzan", lambda r: (r / "GTZAN" / "genres" / "rock" / "rock.00003.wav").write_bytes(b""),
+         r"rock\.00003\.wav: empty file"),
+        ("gtzan", lambda r: (r / "GTZAN" / "genres" / "rock" / "rock.00003.wav").write_bytes(b"<html>404</html>"),
+         r"rock\.00003\.wav: cannot be decoded \(.*\); download it again"),
     ],
 )  # fmt: skip
 def test_a_missing_or_malformed_file_is_named_with_what_was_expected(published, tmp_path, task, breakage, message):
@@ -128,6 +141,11 @@ def test_a_missing_or_malformed_file_is_named_with_what_was_expected(published, 
     _, adapter = REGISTRY[task]
     with pytest.raises(DatasetError, match=message):
         adapter(REGISTRY[task][0], root)
+
+
+def _append(path: Path, data: bytes) -> None:
+    with path.open("ab") as handle:
+        handle.write(data)
 
 
 def _edit(path: Path, old: str, new: str, count: int = -1) -> None:
@@ -162,3 +180,52 @@ def test_probe_runs_every_published_task_and_the_report_shows_the_published_scor
     assert "| step | metric | score | seeds | Music2Vec (published) | Jukebox (published) |" in report
     assert re.search(r"^\| 10 \| weighted_score \| .* \| 0\.501 \| 0\.667 \|$", report, re.MULTILINE)
     assert (tmp_path / "run" / "probes" / "report.png").stat().st_size > 0
+
+
+def test_a_bad_audio_file_is_named_and_the_files_before_it_are_not_extracted_again(tmp_path):
+    """The third of five files holds NaN: extraction stops naming it and keeps the features of the first two. Once
+    the file is fixed, the next extraction takes those two from what was kept (the first file, garbled since with
+    its size and time kept, is never decoded again) and gives what a clean extraction gives."""
+    torch.manual_seed(0)
+    export = save_hf(Data2VecAudio(preset("tiny")), tmp_path / "export")
+    files = [layouts.write_audio(tmp_path / "audio" / f"{n}.wav", 2.0, 16_000, seed=n) for n in range(5)]
+    bad, first = files[2], files[0]
+    clean = bad.read_bytes()
+    audio, rate = sf.read(bad, dtype="float32")
+    audio[100] = np.nan
+    sf.write(bad, audio, rate, subtype="FLOAT")
+    task = REGISTRY["demo_key"][0]
+    examples = [Example(path, "train", 0) for path in files]
+    cache = tmp_path / "cache"
+
+    with pytest.raises(DatasetError, match=rf"{re.escape(str(bad))}: holds samples that are not finite"):
+        task_features(export, task, examples, cache=cache, progress=False)
+    [kept] = cache.glob("*/demo_key.progress")
+    assert sorted(set(load_file(kept)["example"].tolist())) == [0, 1]
+
+    bad.write_bytes(clean)
+    expected = extract(load_hf(export), [str(path) for path in files], progress=False)
+    times = first.stat()
+    first.write_bytes(b"\0" * times.st_size)  # unreadable if it were decoded again
+    os.utime(first, ns=(times.st_atime_ns, times.st_mtime_ns))
+    features = task_features(export, task, examples, cache=cache, progress=False)
+    assert torch.equal(features.example, expected.example)
+    torch.testing.assert_close(features.values, expected.values)
+    assert not kept.exists()
+
+
+def test_features_that_are_not_finite_are_refused_before_anything_is_cached(tmp_path, probe_data):
+    """A checkpoint whose weights hold NaN (a diverged run): no features, no cache entry, no result rows."""
+    model = Data2VecAudio(preset("tiny"))
+    with torch.no_grad():
+        model.feature_projection.proj.weight.fill_(float("nan"))
+    export = save_hf(model, tmp_path / "run" / "exports" / "step_000000010")
+    out = tmp_path / "rows.jsonl"
+    command = [MUSIC2VEC, "probe", str(export), "--tasks", "demo_key", "--data-root", str(probe_data)]
+    command += ["--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2
+    assert f"{export}: its encoder's features of" in done.stderr
+    assert "are not finite" in done.stderr
+    assert not out.exists()
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))

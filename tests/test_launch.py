@@ -1,5 +1,6 @@
 """`music2vec launch` without SLURM: the checks before submission, the dry run, a local job that requeues itself."""
 
+import contextlib
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ from cluster.attempts import latest_job
 from cluster.cli import main
 from cluster.config import ClusterConfig, load_job_config, slurm_minutes
 from trainer.config import load_config, save_config
-from trainer.layout import complete_checkpoints
+from trainer.layout import complete_checkpoints, tag
 from trainer.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,6 +159,31 @@ def test_a_job_out_of_requeues_checkpoints_and_stops(tmp_path, demo_shards):
     assert "timed-out too many times" in errors
     [attempt] = latest_job(run_dir).attempts
     assert [step for step, _ in complete_checkpoints(run_dir)] == [attempt.end_step]  # nothing lost
+
+
+def test_a_warning_after_the_last_stop_check_does_not_requeue_a_finished_run(tmp_path, demo_shards):
+    """USR2 to every task, again and again, from the moment the final checkpoint is being written (after the last
+    update's stop check) until the job ends: the run is done, and no second attempt is queued."""
+    updates, run_dir = 6, tmp_path / "run"
+    args = launch_args(demo_shards, run_dir, f"optim.max_updates={updates}", "train.checkpoint_every=100")
+    launcher = subprocess.Popen([MUSIC2VEC, *args, "--executor", "local"], stdout=subprocess.PIPE, text=True)
+    final = run_dir / "checkpoints" / tag(updates)
+    deadline = time.monotonic() + 300
+    while not final.exists():
+        assert launcher.poll() is None, "the job ended before its final checkpoint"
+        assert time.monotonic() < deadline, "the final checkpoint was never started"
+        time.sleep(0.01)
+    tasks = _tasks_of(int(_started(run_dir)[-1]["pid"]))
+    while launcher.poll() is None:
+        for pid in tasks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR2)
+        time.sleep(0.02)
+    output, _ = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, output
+    assert f"done on cpu: updates 0 -> {updates}" in output
+    [attempt] = latest_job(run_dir).attempts
+    assert (attempt.end_step, attempt.reason) == (updates, "done")
 
 
 def _signal_tasks_after(run_dir: Path, launcher: subprocess.Popen, *, updates: int, times: int) -> None:

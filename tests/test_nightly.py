@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from probes.nightly import RunBusyError, nightly, read_results
-from probes.probe import ProbeSettings
+from probes.nightly import RunBusyError, nightly, nightly_runs, read_results
+from probes.probe import REGISTRY, ProbeSettings
+from trainer.checkpoint import prune
 
 ROOT = Path(__file__).resolve().parents[1]
 MUSIC2VEC = str(Path(sys.executable).parent / "music2vec")
@@ -132,3 +133,39 @@ def test_a_nightly_job_that_would_fail_is_refused_before_it_is_queued(run_dir, p
     assert result.returncode == 2
     assert message in result.stderr
     assert not (run_dir / "probes").exists()
+
+
+def test_a_pruned_checkpoint_and_a_failing_run_stop_no_other(trained, tmp_path, probe_data, cache, monkeypatch):
+    """Three runs in one nightly job: in the first, training prunes the checkpoint being probed (between reading its
+    config and its weights); the second has a damaged export; the third is fine. The first is probed where it still
+    can be, the second is reported with its file, the third is probed in full, and every run gets its report."""
+    pruned, broken, fine = (Path(shutil.copytree(trained, tmp_path / name)) for name in ("pruned", "broken", "fine"))
+    weights = broken / "exports" / "step_000000003" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    task, examples = REGISTRY[TASK]
+
+    def examples_while_training_prunes(*args):
+        prune(pruned, keep_last=1, keep_every=0, current=6)  # what a checkpoint at update 6 does to update 3's
+        return examples(*args)
+
+    monkeypatch.setitem(REGISTRY, TASK, (task, examples_while_training_prunes))
+    settings = ProbeSettings(data_root=probe_data, seeds=(0,), cache=cache, progress=False)
+    outcomes = nightly_runs([pruned, broken, fine], [TASK], settings)
+
+    assert outcomes[pruned] == 2  # update 6's two metrics
+    assert outcomes[broken].startswith(f"failed: RuntimeError: probing {broken / 'checkpoints' / 'step_000000003'}")
+    assert outcomes[fine] == 4
+    assert {row["step"] for row in read_results(fine)} == {3, 6}
+    for run in (pruned, broken, fine):
+        assert (run / "probes" / "report.md").is_file()
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace injects the error a filesystem without flock gives")
+def test_a_filesystem_without_flock_is_named_with_what_to_do(run_dir, probe_data):
+    command = ["strace", "-f", "-qq", "-e", "trace=flock", "-e", "inject=flock:error=ENOLCK", "-o", "/dev/null",
+               MUSIC2VEC, "nightly", str(run_dir), "--tasks", TASK, "--data-root", str(probe_data)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300)
+    assert result.returncode == 1
+    lock = run_dir / "probes" / "nightly.lock"
+    assert f"{lock}: cannot be locked (No locks available): this filesystem does not support flock" in result.stderr
+    assert "1 run(s) failed" in result.stderr

@@ -16,6 +16,7 @@ from data.audio import SAMPLE_RATE
 from model import Data2VecAudio, save_hf
 from model.config import preset
 from probes.datasets import demo
+from probes.datasets.files import DatasetError
 from probes.features import Features, extract, model_folder, task_features, windows
 from probes.head import SONG_ENSEMBLES, HeadConfig, best_on_valid, jukemir_grid, lr_sweep, song_outputs, train_probe
 from probes.metrics import key_weighted_score, score
@@ -71,7 +72,7 @@ def test_features_are_cached_per_checkpoint_and_task(export, probe_data, tmp_pat
     first = task_features(export, KEY, examples, cache=tmp_path, progress=False)
     assert first.values.shape == (6, 5, 64)  # one 15 s window per clip; the tiny model's 4 layers + its input
     moved = [type(e)(tmp_path / "gone.flac", e.split, e.target) for e in examples]
-    with pytest.raises(RuntimeError, match=r"gone\.flac"):  # other files: extracted, not taken from the cache
+    with pytest.raises(DatasetError, match=r"gone\.flac: missing"):  # other files: extracted, not from the cache
         task_features(export, KEY, moved, cache=tmp_path, progress=False)
     tempo = demo.TASKS["demo_tempo"]
     again = task_features(export, tempo, examples, cache=tmp_path, progress=False)  # same audio: reused

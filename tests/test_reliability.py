@@ -155,17 +155,7 @@ def test_a_rank_that_hangs_ends_the_run_within_the_collective_timeout(demo_shard
     SIGSTOP after the first checkpoint; the other gives up after train.collective_timeout_s instead of waiting for
     torch's default 30 minutes, and the checkpoint stays usable."""
     cmd = train(demo_shards, tmp_path, 200, "train.collective_timeout_s=30", "train.checkpoint_every=2")
-    env = os.environ | {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29_600 + os.getpid() % 300)}
-    ranks = [
-        subprocess.Popen(
-            cmd,
-            env=env | {"RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
+    ranks = start_ranks(cmd, port_offset=0)
     try:
         deadline = time.monotonic() + 300
         while not complete_checkpoints(tmp_path):
@@ -182,6 +172,42 @@ def test_a_rank_that_hangs_ends_the_run_within_the_collective_timeout(demo_shard
             rank.wait()
     _, folder = complete_checkpoints(tmp_path)[-1]
     verify(folder, config_digest=None, world_size=2)
+
+
+def test_a_write_that_fails_on_rank_0_alone_ends_both_ranks(demo_shards, tmp_path):
+    """Rank 0 writes the export alone; a file where update 8's export folder goes makes that write fail. Both ranks
+    end at once with the reason (rank 1 learns it from rank 0), well before train.collective_timeout_s, and update
+    4's checkpoint verifies."""
+    (tmp_path / "exports").mkdir()
+    (tmp_path / "exports" / tag(8)).write_text("in the way")
+    ranks = start_ranks(train(demo_shards, tmp_path, 12, "train.collective_timeout_s=900"), port_offset=300)
+    try:
+        errors = [rank.communicate(timeout=600)[1] for rank in ranks]  # a wait for the timeout would fail here
+    finally:
+        for rank in ranks:
+            rank.kill()
+    assert [rank.returncode for rank in ranks] == [1, 1], errors[0][-3000:]
+    could_not = f"the checkpoint {tmp_path / 'checkpoints' / tag(8)} could not be written"
+    assert f"{could_not}: FileExistsError" in errors[0]
+    assert f"{could_not}: it failed on another rank" in errors[1]
+    assert [step for step, _ in complete_checkpoints(tmp_path)] == [4]
+    verify(tmp_path / "checkpoints" / tag(4), config_digest=None, world_size=2)
+
+
+def start_ranks(cmd: list[str], *, port_offset: int) -> list[subprocess.Popen]:
+    """Two ranks started by hand, as srun starts them: no launcher that would kill one when the other ends."""
+    port = 29_000 + port_offset + os.getpid() % 300
+    env = os.environ | {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    return [
+        subprocess.Popen(
+            cmd,
+            env=env | {"RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
 
 
 def test_every_append_only_file_survives_a_cut_line(corpus, tmp_path):

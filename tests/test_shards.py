@@ -141,8 +141,10 @@ def test_invalid_parameters_are_refused():
         ShardParams(clip_seconds=5.0, min_seconds=6.0)
 
 
-def test_killed_run_resumes_to_the_same_shards(corpus, tmp_path):
-    """kill -9 while the writer waits on a FIFO among its inputs, then run the same command again."""
+def blocked_run(corpus: Path, tmp_path: Path) -> tuple[Path, Path, Path, list[str]]:
+    """The corpus with one more input, sharded as a reference; then that input replaced by a FIFO, on which the
+    decoding process that opens it waits: a run stops mid-way, deterministically. (input, reference, output folder,
+    the command that shards into it)."""
     folder = tmp_path / "in"
     shutil.copytree(corpus, folder)
     blocker = folder / "track008b.wav"  # sorts between track008 and track009
@@ -151,12 +153,27 @@ def test_killed_run_resumes_to_the_same_shards(corpus, tmp_path):
     listing.write_text("".join(f"{path}\n" for path in sorted(folder.iterdir())))
     reference = tmp_path / "reference"
     write_shards([str(listing)], reference, TEST_PARAMS, progress=False)
-
     blocker.unlink()
-    os.mkfifo(blocker)  # opening it blocks until a writer comes: the run stops mid-way, deterministically
+    os.mkfifo(blocker)
     out = tmp_path / "out"
     command = [MUSIC2VEC, "shard", str(listing), "--out", str(out), "--clip-seconds", "6", "--min-seconds", "5.5"]
-    command += ["--shard-max-count", "4", "--jobs", "2"]
+    return blocker, reference, out, [*command, "--shard-max-count", "4", "--jobs", "2"]
+
+
+def resumes_to_the_reference(blocker: Path, reference: Path, out: Path, command: list[str]) -> None:
+    """The blocking input made real again, the same command resumes to exactly the reference's shards."""
+    blocker.unlink()
+    sf.write(blocker, tone(13.0, 16_000, seed=99), 16_000)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+    for shard in sorted(reference.glob("shard-*.tar")):
+        assert (out / shard.name).read_bytes() == shard.read_bytes(), shard.name
+    assert (out / "manifest.json").read_text() == (reference / "manifest.json").read_text()
+
+
+def test_killed_run_resumes_to_the_same_shards(corpus, tmp_path):
+    """kill -9 while the writer waits on a FIFO among its inputs, then run the same command again."""
+    blocker, reference, out, command = blocked_run(corpus, tmp_path)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         journal = out / "progress.jsonl"
@@ -170,11 +187,39 @@ def test_killed_run_resumes_to_the_same_shards(corpus, tmp_path):
         process.wait()
     assert not (out / "manifest.json").exists()
     assert list(out.glob("*.partial")), "the kill should leave the open shard unfinished"
+    resumes_to_the_reference(blocker, reference, out, command)
 
-    blocker.unlink()
-    sf.write(blocker, tone(13.0, 16_000, seed=99), 16_000)
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
-    for shard in sorted(reference.glob("shard-*.tar")):
-        assert (out / shard.name).read_bytes() == shard.read_bytes(), shard.name
-    assert (out / "manifest.json").read_text() == (reference / "manifest.json").read_text()
+
+def test_a_decoding_process_killed_for_memory_stops_the_run_which_resumes(corpus, tmp_path):
+    """SIGKILL (what the out-of-memory killer sends) to the decoding process stuck on an input: the writer stops
+    with a message naming that input instead of waiting forever for its result, and the same command resumes."""
+    blocker, reference, out, command = blocked_run(corpus, tmp_path)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while (stuck := _process_opening_a_fifo(under=process.pid)) is None:
+            assert process.poll() is None, "the writer ended before reaching the blocking input"
+            assert time.monotonic() < deadline, "no decoding process reached the blocking input"
+            time.sleep(0.1)
+        os.kill(stuck, signal.SIGKILL)
+        _, errors = process.communicate(timeout=120)  # before the fix: never returns
+    finally:
+        process.kill()
+    assert process.returncode == 1
+    assert f"a decoding process died while these files were being decoded: {blocker.resolve()}" in errors
+    assert "run the same command again to resume" in errors
+    resumes_to_the_reference(blocker, reference, out, command)
+
+
+def _process_opening_a_fifo(*, under: int) -> int | None:
+    """The child of `under` that is blocked opening a FIFO (waiting in the kernel for the FIFO's other end)."""
+    for task in Path("/proc").glob("[0-9]*"):
+        try:
+            status = (task / "status").read_text()
+            parent = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+            waiting_in = (task / "wchan").read_text()
+        except (OSError, StopIteration):
+            continue
+        if parent == under and waiting_in == "wait_for_partner":
+            return int(task.name)
+    return None

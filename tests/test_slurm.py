@@ -132,9 +132,8 @@ def test_timeout_signal_checkpoints_requeues_and_finishes(reference, demo_shards
     launcher = subprocess.Popen(launch_command(demo_shards, run_dir, "--wait"), stdout=subprocess.PIPE, text=True)
     wait_until(lambda: len(read_metrics(run_dir)) >= 13, "training to pass update 13")
     job_id = latest_job(run_dir).job_id
-    for _ in range(2):
+    for _ in range(2):  # back to back: a second signal that came after the requeue would hit the next attempt
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-        time.sleep(0.1)
     output, _ = launcher.communicate(timeout=600)
     assert launcher.returncode == 0, output
 

@@ -81,6 +81,7 @@ class TrainConfig:
     min_target_var: float = 0.1  # spec §4: collapse when target_var falls below this ...
     collapse_check_after: int = 5_000  # ... once this many updates are done
     collective_timeout_s: int = 600  # a rank that waits this long for the others ends the run (a rank died or hung)
+    shared_group: bool = False  # the run directory may be written by its group (a project folder); never by others
 
     def __post_init__(self) -> None:
         checks = [
@@ -98,9 +99,9 @@ class TrainConfig:
         _refuse([message for ok, message in checks if not ok])
 
 
-# What a run's numbers do not depend on: where its directory is, how often it logs and checkpoints, how many
-# checkpoints it keeps, when its guards give up, and which kernels compute the same math. A run continues across a
-# change of these; the config digest leaves them out.
+# What a run's numbers do not depend on: where its directory is and who may write it, how often it logs and
+# checkpoints, how many checkpoints it keeps, when its guards give up, and which kernels compute the same math. A run
+# continues across a change of these; the config digest leaves them out.
 NOT_IN_DIGEST = {
     "train": (
         "run_dir",
@@ -112,6 +113,7 @@ NOT_IN_DIGEST = {
         "min_target_var",
         "collapse_check_after",
         "collective_timeout_s",
+        "shared_group",
         "compile",
         "deterministic",
     )

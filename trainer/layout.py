@@ -10,6 +10,7 @@ from pathlib import Path
 METRICS = "metrics.jsonl"  # a line per optimizer update, written by rank 0
 ATTEMPTS = "attempts.jsonl"  # a line per job event: submitted, started, ended
 PROBE_RESULTS = Path("probes") / "results.jsonl"  # a line per (checkpoint, task, seed, metric)
+LEASES = "leases"  # who writes into the run directory now: the newest of its numbered files (cluster.lease)
 COMPLETE = "COMPLETE"  # written last, fsynced: a checkpoint folder without it does not exist
 STEP_DIR = re.compile(r"step_(\d{9})")
 

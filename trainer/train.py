@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -23,7 +23,7 @@ import torch.distributed as dist
 from data.audio import SAMPLE_RATE
 from data.loader import StreamingLoader
 from model import Music2Vec, save_hf
-from trainer import checkpoint
+from trainer import checkpoint, rundir
 from trainer.collectives import agree_on_failure, reduce_scalar
 from trainer.config import ExperimentConfig, check_run_dir, save_config
 from trainer.engine import Engine
@@ -37,6 +37,16 @@ from trainer.toolchain import check_toolchain
 class TrainingAbortedError(RuntimeError):
     """The run cannot go on (diverged, collapsed, a checkpoint could not be written); its last complete checkpoint
     is intact."""
+
+
+class RunDirOwner(Protocol):
+    """What makes a run the only one writing into its directory (cluster.lease.Lease); rank 0 holds it."""
+
+    def claim(self, run_dir: Path) -> str | None:
+        """Hold `run_dir`, or raise a ValueError naming who does; what was taken over from whom, if anything."""
+
+    def lost(self) -> str | None:
+        """Why this run no longer holds its directory, or None while it does."""
 
 
 @dataclass
@@ -69,21 +79,28 @@ def use_deterministic_kernels() -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def train(cfg: ExperimentConfig, *, allow_config_change: bool = False, stop: StopFlag | None = None) -> TrainSummary:
+def train(
+    cfg: ExperimentConfig,
+    *,
+    allow_config_change: bool = False,
+    stop: StopFlag | None = None,
+    owner: RunDirOwner | None = None,
+) -> TrainSummary:
+    """Train (or resume) the run of `cfg` on every rank of the process group. `owner`: the lease rank 0 claims
+    before it writes anything, and checks before every checkpoint."""
     check_runnable(cfg)
     cfg = replace(cfg, data=cfg.data.sized_for(cpus_per_rank()))
     rank, world_size = dist.get_rank(), dist.get_world_size()
     run_dir = Path(cfg.train.run_dir)
-    prepare_run_dir(cfg, run_dir, rank=rank, allow_config_change=allow_config_change)
+    prepare_run_dir(cfg, run_dir, rank=rank, allow_config_change=allow_config_change, owner=owner)
     seed_everything(cfg.train.seed, rank, deterministic=cfg.train.deterministic)
     model = Music2Vec(cfg.model)
     engine = Engine(model, cfg, world_size)
-    crop_samples = round(cfg.data.crop_seconds * SAMPLE_RATE)
-    loader = StreamingLoader(cfg.data, frames=cfg.model.num_frames(crop_samples), rank=rank, world_size=world_size)
+    frames = cfg.model.num_frames(round(cfg.data.crop_seconds * SAMPLE_RATE))
+    loader = StreamingLoader(cfg.data, frames=frames, rank=rank, world_size=world_size)
     digest = None if allow_config_change else cfg.digest()  # None: any checkpoint of this run directory will do
     start = updates = resume(run_dir, engine, loader, rank=rank, world_size=world_size, config_digest=digest)
-    if rank == 0:
-        (run_dir / "ds_config.json").write_text(json.dumps(engine.config, indent=2) + "\n")
+    write_ds_config(run_dir, engine, rank=rank)
     log = MetricsLog(
         run_dir, rank=rank, every=cfg.train.log_every, start=updates, total=cfg.optim.max_updates, memory=engine.memory
     )
@@ -129,14 +146,16 @@ def train(cfg: ExperimentConfig, *, allow_config_change: bool = False, stop: Sto
             # 5) checkpoint on schedule, at the end, or when asked to stop
             stopping = stop.should_stop()
             if stopping or updates % cfg.train.checkpoint_every == 0 or updates == cfg.optim.max_updates:
-                save_checkpoint(cfg, run_dir, engine, loader, updates, rank=rank, world_size=world_size)
+                save_checkpoint(cfg, run_dir, engine, loader, updates, rank=rank, world_size=world_size, owner=owner)
             if stopping:
                 break
 
     log.close(updates)
+    stopped_by = stop.reason if updates < cfg.optim.max_updates else None  # a finished run was not stopped
     first, last = (losses[0], losses[-1]) if losses else (None, None)
-    rate = update.overall_rate(world_size)
-    return TrainSummary(run_dir, start, updates, first, last, rate, stop.reason, device=device_label(engine.device))
+    return TrainSummary(
+        run_dir, start, updates, first, last, update.overall_rate(world_size), stopped_by, device_label(engine.device)
+    )
 
 
 def device_label(device: torch.device) -> str:
@@ -252,14 +271,48 @@ def cpus_per_rank() -> int:
     return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, *, rank: int, allow_config_change: bool) -> None:
-    """Write config.yaml on a new run; refuse a run directory that ran another config, unless allowed."""
+def prepare_run_dir(
+    cfg: ExperimentConfig, run_dir: Path, *, rank: int, allow_config_change: bool, owner: RunDirOwner | None
+) -> None:
+    """Create the run directory (writable by this user only, or its group), claim it, and write config.yaml on a
+    new run; refuse a run directory that others can write into, that another run holds, or that ran another config
+    unless allowed."""
+    shared_group = cfg.train.shared_group
+    rundir.set_umask(shared_group=shared_group)
+
+    def open_and_claim() -> None:  # rank 0
+        rundir.open_run_dir(run_dir, shared_group=shared_group)
+        taken_over = owner.claim(run_dir) if owner else None
+        if taken_over:
+            print(taken_over, file=sys.stderr, flush=True)
+
+    refused = agree_on_failure(open_and_claim if rank == 0 else None)
+    if refused:
+        raise ValueError(refused)
     check_run_dir(cfg, run_dir, allow_config_change=allow_config_change)
     checkpoint.barrier()  # every rank has read the old config before rank 0 replaces it
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     checkpoint.barrier()
+
+
+def write_ds_config(run_dir: Path, engine: Engine, *, rank: int) -> None:
+    """The DeepSpeed config this run uses, filled in from the template, for the record (rank 0)."""
+    if rank == 0:
+        (run_dir / "ds_config.json").write_text(json.dumps(engine.config, indent=2) + "\n")
+
+
+def check_owner(owner: RunDirOwner | None, *, rank: int) -> None:
+    """Before a checkpoint: stop, writing nothing, if another run took the run directory over (every rank)."""
+
+    def still_held() -> None:
+        lost = owner.lost() if owner else None
+        if lost:
+            raise ValueError(lost)
+
+    lost = agree_on_failure(still_held if rank == 0 else None)
+    if lost:
+        raise TrainingAbortedError(f"{lost}; no checkpoint was written")
 
 
 def resume(
@@ -313,9 +366,12 @@ def save_checkpoint(
     *,
     rank: int,
     world_size: int,
+    owner: RunDirOwner | None = None,
 ) -> Path:
     """Write checkpoints/step_N and exports/step_N, make them durable on every rank, then COMPLETE; every rank
-    calls it. A failure on any rank (a full disk) ends the run on every rank; the previous checkpoint is intact."""
+    calls it. A failure on any rank (a full disk) ends the run on every rank; the previous checkpoint is intact.
+    Nothing is written when `owner` lost the run directory to another run."""
+    check_owner(owner, rank=rank)
     name = tag(step)
     folder = run_dir / "checkpoints" / name
     export = run_dir / "exports" / name

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from data.demo import KEYS
-from probes.datasets.files import DatasetError, hash_split, read_table, require_audio
+from probes.datasets.files import DatasetError, hash_split, read_table, read_text, require_audio
 from probes.tasks import Example, Task
 
 FOLDER = "GS"
@@ -62,7 +62,11 @@ def _test(folder: Path) -> list[Example]:
     if not annotations:
         raise DatasetError(f"{dataset / 'annotations' / 'key'}: no <id>.LOFI.key files; is the dataset cloned?")
     return [
-        Example(_audio(folder, dataset, key.name.removesuffix(".key")), "test", key_index(key.read_text(), str(key)))
+        Example(
+            _audio(folder, dataset, key.name.removesuffix(".key")),
+            "test",
+            key_index(read_text(key, "a key name"), str(key)),
+        )
         for key in annotations
     ]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from probes.datasets.files import DatasetError, require_audio, require_file
+from probes.datasets.files import DatasetError, read_text, require_audio
 from probes.tasks import Example, Task
 
 FOLDER = "GTZAN"
@@ -34,10 +34,9 @@ def examples(_task: Task, data_root: Path) -> list[Example]:  # one task: nothin
     folder = Path(data_root) / FOLDER
     found = []
     for split in ("train", "valid", "test"):
-        listing = require_file(
-            folder / f"{split}_filtered.txt", "the fault-filtered split list, one genre/file.wav per line"
-        )
-        for line, entry in enumerate(listing.read_text().split(), start=1):
+        listing = folder / f"{split}_filtered.txt"
+        text = read_text(listing, "the fault-filtered split list, one genre/file.wav per line")
+        for line, entry in enumerate(text.split(), start=1):
             genre, _, name = entry.partition("/")
             if genre not in GENRES or not name:
                 raise DatasetError(

@@ -14,6 +14,7 @@ import pytest
 from cluster.attempts import latest_job
 from cluster.cli import main
 from cluster.config import ClusterConfig, load_job_config, slurm_minutes
+from data.jsonlines import read
 from trainer.config import load_config, save_config
 from trainer.layout import complete_checkpoints, tag
 from trainer.metrics import read_metrics
@@ -184,6 +185,23 @@ def test_a_warning_after_the_last_stop_check_does_not_requeue_a_finished_run(tmp
     assert f"done on cpu: updates 0 -> {updates}" in output
     [attempt] = latest_job(run_dir).attempts
     assert (attempt.end_step, attempt.reason) == (updates, "done")
+
+
+def test_of_two_launches_at_the_same_moment_exactly_one_trains(tmp_path, demo_shards):
+    """Both start together; whichever claims the run directory first submits, the other is refused naming it."""
+    run_dir = tmp_path / "run"
+    args = launch_args(demo_shards, run_dir, "optim.max_updates=4", "train.checkpoint_every=100")
+    launches = [
+        subprocess.Popen([MUSIC2VEC, *args, "--executor", "local"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    outputs = [launch.communicate(timeout=300) for launch in launches]
+    assert sorted(launch.returncode for launch in launches) == [0, 2], outputs
+    refused = next(errors.decode() for launch, (_, errors) in zip(launches, outputs, strict=True) if launch.returncode)
+    assert f"{run_dir} is in use by music2vec " in refused
+    submitted = [event for event in read(run_dir / "attempts.jsonl") if event["event"] == "submitted"]
+    assert len(submitted) == 1
+    assert [entry["step"] for entry in read_metrics(run_dir)] == [1, 2, 3, 4]
 
 
 def _signal_tasks_after(run_dir: Path, launcher: subprocess.Popen, *, updates: int, times: int) -> None:

@@ -50,13 +50,9 @@ def _train(args: argparse.Namespace) -> int:
     check_runnable(cfg)
     init_distributed(from_environment(), timeout_s=cfg.train.collective_timeout_s)
     job_id = os.environ.get("SLURM_JOB_ID")  # under srun in a batch script of the user's own
-    restart = os.environ.get("SLURM_RESTART_COUNT")
+    restart = int(os.environ.get("SLURM_RESTART_COUNT", "0")) if job_id else None  # set from the first requeue on
     lease = Lease(
-        "train",
-        job_id=job_id,
-        executor="slurm" if job_id else None,
-        restart=int(restart) if restart else None,
-        take_over=args.take_over,
+        "train", job_id=job_id, executor="slurm" if job_id else None, restart=restart, take_over=args.take_over
     )
     try:
         summary = train(cfg, allow_config_change=args.allow_config_change, owner=lease)

@@ -38,18 +38,16 @@ def decode_file(path: str | Path) -> Decoded:
 def decode_blocks(path: str | Path, *, block_seconds: float = 30.0) -> Iterator[Decoded]:
     """`decode_file`'s audio in consecutive pieces of about `block_seconds`, in memory that does not grow with the
     file: a two-hour input costs what one block does. Each block is resampled with enough of its neighbours'
-    samples around it that the sinc filter sees what it sees in the whole file; the pieces join to what
-    `decode_file` gives, to float rounding."""
+    samples around it that the sinc filter sees what it sees in the whole file; the pieces join to exactly what
+    `decode_file` gives. An MP3 is the exception: it is read whole (`_mono_reads` says why)."""
     with sf.SoundFile(path) as source:
         rate, channels = source.samplerate, source.channels
         step_in, step_out = rate // math.gcd(rate, SAMPLE_RATE), SAMPLE_RATE // math.gcd(rate, SAMPLE_RATE)
         block = max(1, round(block_seconds * rate / step_in)) * step_in  # whole resampling periods
         context = 0 if rate == SAMPLE_RATE else (-(-_sinc_width(step_in, step_out) // step_in) + 1) * step_in
         held, held_from, done = np.empty(0, dtype=np.float32), 0, 0  # held[0] is input sample held_from
-        while True:
-            read = source.read(block, dtype="float32", always_2d=True)
-            finished = len(read) < block
-            held = np.concatenate([held, read.mean(axis=1)])
+        for mono, finished in _mono_reads(source, block):
+            held = np.concatenate([held, mono])
             end = held_from + len(held)
             upto = end if finished else (end - context) // step_in * step_in  # what has its right context
             if upto > done:
@@ -61,8 +59,20 @@ def decode_blocks(path: str | Path, *, block_seconds: float = 30.0) -> Iterator[
                 done = upto
                 keep = max(done - context, 0)
                 held, held_from = held[keep - held_from :], keep
-            if finished:
-                return
+
+
+def _mono_reads(source: sf.SoundFile, block: int) -> Iterator[tuple[np.ndarray, bool]]:
+    """The file's samples downmixed, `block` at a time: (samples, whether they are the last). An MP3 comes in one
+    read: libsndfile 1.2's MP3 decoder returns wrong samples for a few hundred frames after a read that stops in
+    the middle of the file (whole-file reads are exact), so its memory grows with its length as `decode_file`'s."""
+    if source.format == "MP3":
+        yield source.read(dtype="float32", always_2d=True).mean(axis=1), True
+        return
+    while True:
+        read = source.read(block, dtype="float32", always_2d=True)
+        yield read.mean(axis=1), len(read) < block
+        if len(read) < block:
+            return
 
 
 def _sinc_width(step_in: int, step_out: int) -> int:

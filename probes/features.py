@@ -105,7 +105,7 @@ def task_features(
     def keep_progress(features: Features, files_done: int) -> None:
         if done.files + files_done == 0:
             return
-        _save(progress_path, _joined(done, features, offset=done.files), identity, files[: done.files + files_done])
+        _save(progress_path, _joined(done, features), identity, files[: done.files + files_done])
 
     rest = extract(
         encoder,
@@ -116,7 +116,7 @@ def task_features(
         desc=task.name,
         on_failure=keep_progress,
     )
-    features = _joined(done, rest, offset=done.files)
+    features = _joined(done, rest)
     _check_finite(features, files, folder)
     _save(path, features, identity, files=None)
     progress_path.unlink(missing_ok=True)
@@ -148,11 +148,12 @@ def _load_progress(path: Path, identity: str, files: list[str]) -> _Progress:
     return _Progress(Features(stored["values"][keep], stored["example"][keep]), unchanged)
 
 
-def _joined(done: _Progress, more: Features, *, offset: int) -> Features:
+def _joined(done: _Progress, more: Features) -> Features:
+    """`done`'s features followed by those of the files after them (`more`, numbered from its first file)."""
     if done.files == 0:
         return more
     values = torch.cat([done.features.values, more.values]) if len(more.example) else done.features.values
-    return Features(values, torch.cat([done.features.example, more.example + offset]))
+    return Features(values, torch.cat([done.features.example, more.example + done.files]))
 
 
 def _save(path: Path, features: Features, identity: str, files: list[str] | None) -> None:
@@ -168,8 +169,11 @@ def _save(path: Path, features: Features, identity: str, files: list[str] | None
 
 
 def _signature(file: str) -> list[int]:
-    """What tells a fixed file from the one that failed: its size and modification time."""
-    status = Path(file).stat()
+    """What tells a fixed file from the one that failed: its size and modification time ([-1, -1]: missing)."""
+    try:
+        status = Path(file).stat()
+    except OSError:
+        return [-1, -1]
     return [status.st_size, status.st_mtime_ns]
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TEST_PARAMS
+from test_train import command, run
 
 from data import write_shards
 from data.jsonlines import read
@@ -26,22 +27,11 @@ MUSIC2VEC = str(Path(sys.executable).parent / "music2vec")
 
 
 def train(shards: Path, run_dir: Path, updates: int, *extra: str) -> list[str]:
-    return [
-        MUSIC2VEC,
-        "train",
-        str(ROOT / "configs" / "tiny.yaml"),
-        f"data.shards={shards}",
-        f"train.run_dir={run_dir}",
-        f"optim.max_updates={updates}",
-        "train.checkpoint_every=4",
-        "train.log_every=2",
-        "train.keep_last=5",
-        *extra,
-    ]
-
-
-def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600, **kwargs)
+    """test_train's command with `updates` updates, a checkpoint every 4 and a log line every 2 (later overrides
+    win)."""
+    return command(
+        shards, run_dir, f"optim.max_updates={updates}", "train.checkpoint_every=4", "train.log_every=2", *extra
+    )
 
 
 class PlantedCode:

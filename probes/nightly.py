@@ -44,7 +44,9 @@ def nightly(run_dir: Path, tasks: list[str], settings: ProbeSettings) -> list[di
             for step, folder in complete_checkpoints(run_dir):
                 for task in tasks:
                     missing = tuple(seed for seed in settings.seeds if (step, task, seed) not in done)
-                    rows = _probe_unless_pruned(folder, task, replace(settings, seeds=missing)) if missing else []
+                    if not missing:
+                        continue
+                    rows = _probe_unless_pruned(folder, task, replace(settings, seeds=missing))
                     if rows is None:
                         break
                     scalars.write(step, rows)

@@ -15,6 +15,7 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 
@@ -161,8 +162,6 @@ def init_distributed(env: DistributedEnvironment, *, job_gpus: int | None = None
     `timeout_s` (train.collective_timeout_s): how long a collective waits for a rank that died or hangs before it
     fails, ending the run on every rank (torch's default is 30 minutes for gloo and 10 for NCCL).
     """
-    from datetime import timedelta
-
     import deepspeed
     import torch
 
@@ -173,4 +172,19 @@ def init_distributed(env: DistributedEnvironment, *, job_gpus: int | None = None
     elif (reason := gpus_requested(job_gpus=job_gpus)) is not None:
         raise GPUUnavailableError(gpu_unavailable_message(reason))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    default_timeout_for_new_groups(timeout)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
+
+
+def default_timeout_for_new_groups(timeout: timedelta) -> None:
+    """Make `timeout` the one every process group created from now on takes.
+
+    DeepSpeed runs the gradient all-reduce, where the ranks wait longest for a hung one, over a clone of the world
+    group that it creates with `new_group(ranks)`: no timeout, so torch's default (30 minutes for gloo, 10 for NCCL)
+    rather than the world group's. torch reads that default from these two globals each time a group is created.
+    """
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout

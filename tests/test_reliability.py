@@ -169,6 +169,48 @@ def test_a_rank_that_hangs_ends_the_run_within_the_collective_timeout(demo_shard
     verify(folder, config_digest=None, world_size=2)
 
 
+# Two ranks build the engine; rank 1 then freezes; rank 0 trains on, so the first thing it waits in is DeepSpeed's
+# gradient all-reduce, which runs over a process group of DeepSpeed's own making.
+TRAIN_BESIDE_A_FROZEN_RANK = """
+import os, signal, sys
+import numpy as np, torch
+from cluster.environment import from_environment, init_distributed
+from data import span_mask
+from model import Music2Vec
+from trainer.config import load_config
+from trainer.engine import Engine
+
+cfg = load_config(sys.argv[1], sys.argv[2:])
+init_distributed(from_environment(), timeout_s=cfg.train.collective_timeout_s)
+engine = Engine(Music2Vec(cfg.model), cfg, world_size=2)
+if os.environ["RANK"] == "1":
+    os.kill(os.getpid(), signal.SIGSTOP)
+samples = round(cfg.data.crop_seconds * 16_000)
+mask = torch.from_numpy(span_mask(2, cfg.model.num_frames(samples), rng=np.random.default_rng(0)))
+while True:
+    loss, _ = engine.forward(torch.randn(2, samples), mask)
+    engine.backward(loss)
+    engine.step()
+"""
+
+
+@pytest.mark.parametrize("stage", [2, 3])  # ZeRO-3 also gathers the weights over that group
+def test_the_gradient_all_reduce_gives_up_within_the_collective_timeout(stage):
+    """DeepSpeed creates its data-parallel groups without a timeout: they must take train.collective_timeout_s too,
+    not torch's 30 minutes."""
+    config = ["train.collective_timeout_s=5", f"train.zero_stage={stage}"]
+    cmd = [sys.executable, "-c", TRAIN_BESIDE_A_FROZEN_RANK, str(ROOT / "configs" / "tiny.yaml"), *config]
+    ranks = start_ranks(cmd, port_offset=150 + stage)
+    try:
+        _, stderr = ranks[0].communicate(timeout=240)  # well past 5 s, well short of 30 minutes
+    finally:
+        for rank in ranks:
+            rank.kill()
+            rank.wait()
+    assert ranks[0].returncode == 1
+    assert "Timed out waiting 5000ms" in stderr, stderr[-3000:]
+
+
 def test_a_write_that_fails_on_rank_0_alone_ends_both_ranks(demo_shards, tmp_path):
     """Rank 0 writes the export alone; a file where update 8's export folder goes makes that write fail. Both ranks
     end at once with the reason (rank 1 learns it from rank 0), well before train.collective_timeout_s, and update

@@ -1,11 +1,11 @@
-# The two set-up commands: `make demo` and `make test`. Both create .venv when it is missing.
+# The set-up commands: `make demo`, `make test` (the full suite, what CI runs) and `make test-fast`. Both create .venv when it is missing.
 # On a GPU machine: `make gpu-check` (wheels from `make gpu-wheels`, run where there is network).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 GPU_WHEELS := .gpu-wheels
 
-.PHONY: demo test lint clean gpu-wheels gpu-check
+.PHONY: demo test test-fast lint clean gpu-wheels gpu-check
 
 demo: $(VENV)/.installed
 	$(BIN)/music2vec demo
@@ -13,6 +13,11 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/pytest
+
+# While working: everything but the tests marked slow (training runs, whole jobs, the demo) or slurm.
+test-fast: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/pytest -m "not slow and not slurm"
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

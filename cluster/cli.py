@@ -142,9 +142,11 @@ def _nightly(args: argparse.Namespace) -> int:
 
 def _report_nightly(outcomes: dict[Path, int | str]) -> int:
     """A line per run that got probed (a skipped or failed one was said on stderr as it happened)."""
+    from trainer.layout import PROBE_REPORT
+
     for run_dir, outcome in outcomes.items():
         if isinstance(outcome, int):
-            print(f"{run_dir}: {outcome} new result rows; report {run_dir / 'probes' / 'report.md'}")
+            print(f"{run_dir}: {outcome} new result rows; report {run_dir / PROBE_REPORT}")
     return _nightly_status(outcomes)
 
 

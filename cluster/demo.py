@@ -22,7 +22,7 @@ from probes.datasets import demo as demo_tasks
 from probes.nightly import nightly, read_results
 from probes.probe import ProbeSettings, probe
 from trainer.config import ExperimentConfig, load_config
-from trainer.layout import latest_complete
+from trainer.layout import METRICS, PROBE_REPORT, PROBE_RESULTS, latest_complete
 from trainer.metrics import read_metrics
 from trainer.train import train
 
@@ -82,14 +82,15 @@ def report_probes(run_dir: Path, random_init: list[dict[str, Any]]) -> None:
     print(f"  {'task':<18} {'metric':<16} {f'update {last}':>16} {'random init':>16}")
     for task in demo_tasks.TASKS:
         metric = demo_tasks.TASKS[task].monitor
-        ours = primary_scores(trained, task, metric, step=last)
-        theirs = primary_scores(random_init, task, metric, step=0)
-        print(f"  {task:<18} {metric:<16} {ours:>16} {theirs:>16}")
-    print(f"  results     {run_dir / 'probes' / 'results.jsonl'}")
-    print(f"  report      {run_dir / 'probes' / 'report.md'} and report.png; probe/<task>/<metric> in TensorBoard")
+        pretrained = mean_and_spread(trained, task, metric, step=last)
+        untrained = mean_and_spread(random_init, task, metric, step=0)
+        print(f"  {task:<18} {metric:<16} {pretrained:>16} {untrained:>16}")
+    print(f"  results     {run_dir / PROBE_RESULTS}")
+    print(f"  report      {run_dir / PROBE_REPORT} and report.png; probe/<task>/<metric> in TensorBoard")
 
 
-def primary_scores(rows: list[dict[str, Any]], task: str, metric: str, *, step: int) -> str:
+def mean_and_spread(rows: list[dict[str, Any]], task: str, metric: str, *, step: int) -> str:
+    """'mean ± std' of a task's metric over the probe seeds, at one checkpoint's step."""
     values = [row["value"] for row in rows if (row["task"], row["metric"], row["step"]) == (task, metric, step)]
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.3f} ± {spread:.3f}"
@@ -107,5 +108,5 @@ def report(run_dir: Path, device: str | None) -> None:
     print(f"  throughput  {last['audio_seconds_per_s']:.0f} audio-seconds/s (last update)")
     print(f"  checkpoints {run_dir / 'checkpoints'}")
     print(f"  exports     {run_dir / 'exports'}  (Hugging Face Data2VecAudioModel folders)")
-    print(f"  metrics     {run_dir / 'metrics.jsonl'}")
+    print(f"  metrics     {run_dir / METRICS}")
     print(f"  TensorBoard: tensorboard --logdir {run_dir / 'tb'}")

@@ -8,12 +8,9 @@ directory are all in order: a mistake costs seconds on the login node, not hours
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import submitit
 from omegaconf import OmegaConf
@@ -21,10 +18,12 @@ from omegaconf import OmegaConf
 from cluster import attempts, lease
 from cluster.config import ClusterConfig
 from cluster.job import TrainingJob
+from cluster.submit import check_submittable, log_folder, scheduler_lines, submit_job
 from data.audio import SAMPLE_RATE
 from data.loader import check_shard_count, shard_urls
 from trainer.config import ExperimentConfig, check_run_dir
 from trainer.ds_config import deepspeed_config
+from trainer.layout import JOBS
 from trainer.rundir import check_writers, open_run_dir
 from trainer.toolchain import check_toolchain
 
@@ -89,10 +88,10 @@ def describe(plan: LaunchPlan) -> str:
     seconds = crops * cfg.data.crop_seconds
     world = cluster.world_size
     devices = f"{cluster.gpus_per_node} GPUs" if cluster.gpus_per_node else f"{cluster.tasks} CPU tasks"
-    consumers = world * max(cfg.data.workers, 1)
+    streams = world * max(cfg.data.workers, 1)
     world_line = (
         f"world: {cluster.nodes} node(s) x {devices} = {world} ranks; {cfg.data.workers} loader workers per rank"
-        f" (cluster.cpus_per_task={cluster.cpus_per_task}); {plan.shards} shards for {consumers} loader consumers"
+        f" (cluster.cpus_per_task={cluster.cpus_per_task}); {plan.shards} shards for {streams} loader streams"
     )
     per_rank = (
         f"per rank: {cfg.data.batch_size} crops x {cfg.data.crop_seconds:g} s per micro-batch,"
@@ -114,71 +113,30 @@ def describe(plan: LaunchPlan) -> str:
         f"run directory: {plan.run_dir}",
         "",
         f"# {cluster.executor} job",
-        *scheduler_lines(plan),
+        *scheduler_lines(cluster, log_folder(plan.run_dir / JOBS, cluster)),
     ]
     return "\n".join(lines) + "\n"
-
-
-def scheduler_lines(plan: LaunchPlan) -> list[str]:
-    folder = job_folder(plan)
-    if plan.cluster.executor == "local":
-        return [f"{name}={value}" for name, value in local_parameters(plan.cluster).items()]
-    # submitit's own sbatch writer, so the dry run shows exactly what would be submitted
-    script = submitit.slurm.slurm._make_sbatch_string(
-        command="python -u -m submitit.core._submit", folder=str(folder), **slurm_parameters(plan.cluster)
-    )
-    return [line for line in script.splitlines() if line.startswith("#SBATCH")]
-
-
-def slurm_parameters(cluster: ClusterConfig) -> dict[str, Any]:
-    parameters: dict[str, Any] = {
-        "job_name": cluster.job_name,
-        "nodes": cluster.nodes,
-        "ntasks_per_node": cluster.tasks,
-        "cpus_per_task": cluster.cpus_per_task,
-        "time": cluster.timeout_min,
-        "signal_delay_s": cluster.signal_delay_s,
-        "stderr_to_stdout": True,
-        # requeueable, so SLURM itself requeues the job after a node failure or a preemption
-        "additional_parameters": {"requeue": True},
-    }
-    if cluster.gpus_per_node:
-        parameters["gpus_per_node"] = cluster.gpus_per_node
-    optional = {"partition": cluster.partition, "account": cluster.account, "qos": cluster.qos}
-    optional |= {"constraint": cluster.constraint, "mem": cluster.mem}
-    return parameters | {name: value for name, value in optional.items() if value}
-
-
-def local_parameters(cluster: ClusterConfig) -> dict[str, Any]:
-    return {
-        "tasks_per_node": cluster.tasks,
-        "gpus_per_node": cluster.gpus_per_node,
-        "timeout_min": cluster.timeout_min,
-        "signal_delay_s": cluster.signal_delay_s,
-    }
 
 
 def submit(plan: LaunchPlan, *, allow_config_change: bool, take_over: bool = False) -> submitit.Job:
     """Queue the job (SLURM) or start it (local processes), holding the run directory's lease for it, and note the
     submission in the run directory."""
-    if plan.cluster.executor == "slurm" and shutil.which("sbatch") is None:  # a dry run needs no SLURM; this does
-        raise ValueError(
-            "cluster.executor=slurm, but sbatch is not on PATH: launch from a SLURM login node, or --executor local"
-        )
+    check_submittable(plan.cluster, option="cluster.executor")  # a dry run needs no SLURM; this does
     open_run_dir(plan.run_dir, shared_group=plan.experiment.train.shared_group)  # the job inherits the umask
     claim = lease.Lease("launch", take_over=take_over)
     taken_over = claim.claim(plan.run_dir)  # of two launches at the same moment, one gets here
     if taken_over:
         print(taken_over, file=sys.stderr, flush=True)
     try:
-        submitted = executor(plan).submit(
-            TrainingJob(
-                plan.experiment,
-                workdir=str(plan.workdir),
-                gpus_per_node=plan.cluster.gpus_per_node,
-                executor=plan.cluster.executor,
-                allow_config_change=allow_config_change,
-            )
+        job = TrainingJob(
+            plan.experiment,
+            workdir=str(plan.workdir),
+            gpus_per_node=plan.cluster.gpus_per_node,
+            executor=plan.cluster.executor,
+            allow_config_change=allow_config_change,
+        )
+        submitted = submit_job(
+            job, plan.cluster, log_folder(plan.run_dir / JOBS, plan.cluster), max_requeues=plan.cluster.max_requeues
         )
     except BaseException:
         claim.release()
@@ -194,22 +152,3 @@ def submit(plan: LaunchPlan, *, allow_config_change: bool, take_over: bool = Fal
         logs=str(submitted.paths.folder),
     )
     return submitted
-
-
-def executor(plan: LaunchPlan) -> submitit.Executor:
-    folder = job_folder(plan)
-    if plan.cluster.executor == "slurm":
-        slurm = submitit.SlurmExecutor(folder=folder, max_num_timeout=plan.cluster.max_requeues)
-        slurm.update_parameters(**slurm_parameters(plan.cluster))
-        return slurm
-    local = submitit.LocalExecutor(folder=folder, max_num_timeout=plan.cluster.max_requeues)
-    local.update_parameters(**local_parameters(plan.cluster))
-    return local
-
-
-def job_folder(plan: LaunchPlan) -> Path:
-    """jobs/<SLURM job id>/; a local job's id is a process id, which the system reuses, so it gets a dated folder
-    (submitit would otherwise find an old job's result there)."""
-    if plan.cluster.executor == "slurm":
-        return plan.run_dir / "jobs" / "%j"
-    return plan.run_dir / "jobs" / time.strftime("local-%Y%m%d-%H%M%S")

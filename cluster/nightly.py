@@ -10,8 +10,6 @@ Everything is checked before anything is queued: the tasks, their datasets, and 
 from __future__ import annotations
 
 import re
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +17,9 @@ from typing import Any
 import submitit
 
 from cluster.config import ClusterConfig
-from cluster.launch import local_parameters, slurm_parameters
+from cluster.submit import check_submittable, log_folder, submit_job
 from probes.probe import REGISTRY, ProbeSettings
+from trainer.layout import CONFIG, PROBE_JOBS
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 EVERY_NEEDS_SLURM = "--every needs --executor slurm (SLURM's --begin); without SLURM, run nightly from cron"
@@ -44,20 +43,18 @@ class NightlySchedule:
 
     @property
     def log_folder(self) -> Path:
-        """The first run directory's probes/jobs/<job id>/ (a local job gets a dated folder: pids repeat)."""
-        jobs = self.run_dirs[0] / "probes" / "jobs"
-        return jobs / ("%j" if self.cluster.executor == "slurm" else time.strftime("local-%Y%m%d-%H%M%S"))
+        """The first run directory's probes/jobs/<job id>/."""
+        return log_folder(self.run_dirs[0] / PROBE_JOBS, self.cluster)
 
 
 def check_schedule(schedule: NightlySchedule) -> None:
     """What would fail in the job fails here, before anything is queued."""
     if schedule.every_s is not None and schedule.cluster.executor != "slurm":
         raise ValueError(EVERY_NEEDS_SLURM)
-    if schedule.cluster.executor == "slurm" and shutil.which("sbatch") is None:
-        raise ValueError("--executor slurm, but sbatch is not on PATH: submit from a SLURM login node")
-    missing = [str(run_dir) for run_dir in schedule.run_dirs if not (run_dir / "config.yaml").is_file()]
+    check_submittable(schedule.cluster, option="--executor")
+    missing = [str(run_dir) for run_dir in schedule.run_dirs if not (run_dir / CONFIG).is_file()]
     if missing:
-        raise FileNotFoundError(f"not run directories (no config.yaml): {missing}")
+        raise FileNotFoundError(f"not run directories (no {CONFIG}): {missing}")
     unknown = sorted(set(schedule.tasks) - set(REGISTRY))
     if unknown:
         raise ValueError(f"unknown probe task(s) {unknown}; known: {sorted(REGISTRY)}")
@@ -85,14 +82,5 @@ class NightlyJob:
 
 
 def submit(schedule: NightlySchedule, *, delay_s: int | None = None) -> submitit.Job:
-    """Queue the job (SLURM, starting `delay_s` from now if given) or start it (a local process)."""
-    if schedule.cluster.executor == "slurm":
-        executor: submitit.Executor = submitit.SlurmExecutor(folder=schedule.log_folder, max_num_timeout=0)
-        parameters = slurm_parameters(schedule.cluster)
-        if delay_s:
-            parameters["additional_parameters"] = parameters["additional_parameters"] | {"begin": f"now+{delay_s}"}
-        executor.update_parameters(**parameters)
-    else:
-        executor = submitit.LocalExecutor(folder=schedule.log_folder, max_num_timeout=0)
-        executor.update_parameters(**local_parameters(schedule.cluster))
-    return executor.submit(NightlyJob(schedule))
+    """Queue the job (SLURM, starting `delay_s` from now if given) or start it (a local process); never requeued."""
+    return submit_job(NightlyJob(schedule), schedule.cluster, schedule.log_folder, max_requeues=0, begin_in_s=delay_s)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cluster import attempts
 from data import jsonlines
-from trainer.layout import ATTEMPTS, METRICS, PROBE_RESULTS, latest_complete
+from trainer.layout import ATTEMPTS, COMPLETE, CONFIG, METRICS, PROBE_RESULTS, latest_complete
 
 # SLURM's job states, as the one word a person scanning the table needs.
 _PLAIN_STATES = {
@@ -66,8 +66,8 @@ def status_table(run_dirs: list[Path]) -> str:
 
 
 def run_status(run_dir: Path) -> RunStatus:
-    if not (run_dir / "config.yaml").is_file() and not (run_dir / ATTEMPTS).is_file():
-        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml or {ATTEMPTS})")
+    if not (run_dir / CONFIG).is_file() and not (run_dir / ATTEMPTS).is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no {CONFIG} or {ATTEMPTS})")
     metrics = jsonlines.read(run_dir / METRICS)[-50:]
     target = _target(run_dir)
     step = metrics[-1]["step"] if metrics else 0
@@ -180,7 +180,7 @@ def _job_cell(job: attempts.JobHistory | None) -> str:
 def _target(run_dir: Path) -> int | None:
     from omegaconf import OmegaConf
 
-    config = run_dir / "config.yaml"
+    config = run_dir / CONFIG
     return int(OmegaConf.load(config).optim.max_updates) if config.is_file() else None
 
 
@@ -208,7 +208,7 @@ def _checkpoint_cell(run_dir: Path) -> str:
     if latest is None:
         return "-"
     step, folder = latest
-    age = time.time() - (folder / "COMPLETE").stat().st_mtime
+    age = time.time() - (folder / COMPLETE).stat().st_mtime
     return f"{step} ({duration(age)} ago)"
 
 

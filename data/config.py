@@ -15,7 +15,7 @@ class DataConfig:
     crop_seconds: float = 5.0  # the paper's best setting; fairseq's max_sample_size / 16000
     crops_per_clip: int = 4  # crops cut from one decoded clip, so one decode feeds several samples
     shuffle_buffer: int = 1000  # records held by each worker's shuffle buffer
-    resample: bool = False  # draw shards with replacement instead of splitting them (needed: shards < consumers)
+    resample: bool = False  # draw shards with replacement instead of splitting them (needed: shards < streams)
     workers: int = AUTO_WORKERS  # DataLoader worker processes per rank; -1: from the rank's CPUs
     seed: int = 1  # shard order, shuffle buffers, crops and masks all derive from it
     mask_prob: float = 0.65  # model.mask_prob: probability of a frame starting a span

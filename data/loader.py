@@ -1,23 +1,23 @@
 """The streaming crop-and-mask loader: WebDataset shards -> fixed-shape batches of normalised crops and span masks.
 
-The stream is defined per *consumer*, one per (rank, DataLoader worker). In epoch e, the shard list is permuted by
-(seed, e) and consumer c of C takes every C-th shard; it reads its shards' records in order through a shuffle buffer
-seeded by (seed, e, rank, worker), decodes each record, normalises the whole clip, and cuts `crops_per_clip` random
+The data is read as *streams*, one per (rank, DataLoader worker). In epoch e, the shard list is permuted by
+(seed, e) and stream c of C takes every C-th shard; it reads its shards' records in order through a shuffle buffer
+seeded by (seed, e, rank, stream), decodes each record, normalises the whole clip, and cuts `crops_per_clip` random
 crops (seeded by the record's key); crops fill batches, and each batch gets span masks seeded by (seed, rank,
-worker, batch index). When a consumer's shards run out it starts its next epoch, so the stream never ends and no
-rank ever waits for another. With `resample`, each epoch of a consumer is instead as many shards as a fair split would
-give it (at least one), drawn with replacement by (seed, epoch, consumer).
+stream, batch index). When a stream's shards run out it starts its next epoch, so the stream never ends and no
+rank ever waits for another. With `resample`, each epoch of a stream is instead as many shards as a fair split would
+give it (at least one), drawn with replacement by (seed, epoch, stream).
 
-Fewer shards than consumers is refused when the loader is built (without `resample`): a consumer with no shard
+Fewer shards than streams is refused when the loader is built (without `resample`): a stream with no shard
 would have nothing to give, and a DataLoader waiting for it would hang.
 
-Resume. A consumer's position is (epoch, records taken from its shuffle buffer, crops already used of the last
-record, batches made). Batches travel with their consumer's position, and the main process keeps the position of
-the last batch it handed out, per consumer. A resumed consumer replays its record stream from the start of its
+Resume. A stream's position is (epoch, records taken from its shuffle buffer, crops already used of the last
+record, batches made). Batches travel with their stream's position, and the main process keeps the position of
+the last batch it handed out, per stream. A resumed stream replays its record stream from the start of its
 epoch *without decoding audio* (tar reads and the shuffle only), re-decodes the one record whose crops were split
 across batches, and carries on: the sequence of sample keys is exactly that of an uninterrupted run with the same
-seed, world size and workers. DataLoader serves workers round-robin; the loader rotates which worker plays which
-consumer so that the consumer due next comes first.
+seed, world size and workers. DataLoader serves its workers round-robin; the loader rotates which worker plays which
+stream so that the stream due next comes first.
 
 Bad data is skipped and counted by reason (see `SKIP_REASONS`); the counts travel with the batches too.
 """
@@ -85,12 +85,12 @@ def _leave_signals_to_the_trainer(_worker: int) -> None:
 
 
 def check_shard_count(shards: int, cfg: DataConfig, world_size: int) -> None:
-    """Without resampling, every (rank, worker) consumer reads its own shards, so there must be enough of them."""
-    consumers = world_size * max(cfg.workers, 1)
-    if not cfg.resample and shards < consumers:
+    """Without resampling, every (rank, worker) stream reads its own shards, so there must be enough of them."""
+    streams = world_size * max(cfg.workers, 1)
+    if not cfg.resample and shards < streams:
         raise ValueError(
             f"{shards} shard(s) for {world_size} rank(s) x {max(cfg.workers, 1)} worker(s) ="
-            f" {consumers} consumers: each needs at least one shard. Write smaller shards"
+            f" {streams} streams: each needs at least one shard. Write smaller shards"
             " (music2vec shard --shard-max-count), lower data.workers, or set data.resample=true"
         )
 
@@ -105,14 +105,14 @@ class Batch:
         return Batch(self.audio.pin_memory(), self.mask.pin_memory(), self.keys)
 
 
-# Counted while reading shards, so counted again when a resumed worker replays its epoch (see ConsumerState.resumed);
+# Counted while reading shards, so counted again when a resumed stream replays its epoch (see StreamPosition.resumed);
 # the other reasons are counted when decoding, which the replay skips.
 READ_LEVEL_REASONS = ("unreadable_shard", "truncated_tar")
 
 
 @dataclass
-class ConsumerState:
-    """Where one worker's stream stands after the last batch it made."""
+class StreamPosition:
+    """Where one stream stands after the last batch it made."""
 
     epoch: int = 0
     records: int = 0  # records taken from the shuffle buffer in this epoch, the partly used one included
@@ -132,7 +132,7 @@ class ConsumerState:
         }
 
     @classmethod
-    def resumed(cls, state: dict[str, Any]) -> ConsumerState:
+    def resumed(cls, state: dict[str, Any]) -> StreamPosition:
         """The state to continue from: read-level counts go back to the epoch start, since the replay recounts them."""
         skipped = Counter(state["skipped"])
         at_start = Counter(state["skipped_at_epoch_start"])
@@ -157,46 +157,47 @@ class _Crop:
 
 @dataclass
 class _Tagged:
-    """What a worker sends: the batch, which logical worker made it, and that worker's position after it."""
+    """What a DataLoader worker sends: the batch, the stream that made it, and that stream's position after it."""
 
     batch: Batch
-    worker: int
+    stream: int
     state: dict[str, Any]
 
     def pin_memory(self) -> _Tagged:
-        return _Tagged(self.batch.pin_memory(), self.worker, self.state)
+        return _Tagged(self.batch.pin_memory(), self.stream, self.state)
 
 
 def _seed(*parts: int) -> np.random.Generator:
     return np.random.default_rng([*parts])
 
 
-class ShardStream(IterableDataset):
-    """The per-worker streams of one rank; `StreamingLoader` runs them in DataLoader workers and tracks positions."""
+class RankStreams(IterableDataset):
+    """The streams of one rank; `StreamingLoader` runs each in a DataLoader worker and tracks their positions."""
 
     def __init__(
         self, cfg: DataConfig, urls: list[str], *, frames: int, rank: int, world_size: int, workers: int
     ) -> None:
         super().__init__()
         self.cfg, self.urls, self.frames = cfg, urls, frames
-        self.rank, self.world_size, self.workers = rank, world_size, max(workers, 1)
+        self.rank, self.world_size = rank, world_size
+        self.streams_per_rank = max(workers, 1)  # one per DataLoader worker; one in the main process without workers
         self.crop_samples = round(cfg.crop_seconds * SAMPLE_RATE)
-        self.rotation = 0  # the logical worker that DataLoader worker 0 plays; set by the loader
-        self.resume: dict[int, dict[str, Any]] = {}  # logical worker -> ConsumerState dict
+        self.rotation = 0  # the stream DataLoader worker 0 plays; set by the loader
+        self.resume: dict[int, dict[str, Any]] = {}  # stream -> StreamPosition dict
 
     def __iter__(self) -> Iterator[_Tagged]:
         info = get_worker_info()
-        worker = ((info.id if info else 0) + self.rotation) % self.workers
-        state = ConsumerState.resumed(self.resume[worker]) if worker in self.resume else ConsumerState()
-        return self.batches(worker, state)
+        stream = ((info.id if info else 0) + self.rotation) % self.streams_per_rank
+        state = StreamPosition.resumed(self.resume[stream]) if stream in self.resume else StreamPosition()
+        return self.batches(stream, state)
 
-    # One logical worker's stream, stage by stage: shards -> records -> shuffled records -> crops -> batches.
+    # One stream, stage by stage: shards -> records -> shuffled records -> crops -> batches.
 
-    def batches(self, worker: int, state: ConsumerState) -> Iterator[_Tagged]:
-        """Batches of this rank's logical `worker`, from position `state` on, forever."""
+    def batches(self, stream: int, state: StreamPosition) -> Iterator[_Tagged]:
+        """Batches of this rank's `stream`, from position `state` on, forever."""
         audio = np.empty((self.cfg.batch_size, self.crop_samples), dtype=np.float32)
         keys: list[str] = []
-        for crop, position in self._crops(worker, state):
+        for crop, position in self._crops(stream, state):
             # Normalising while copying into the batch equals normalising the clip, then cropping: it is affine.
             row = audio[len(keys)]
             np.subtract(crop.samples, crop.mean, out=row)
@@ -211,20 +212,20 @@ class ShardStream(IterableDataset):
                 mask_prob=self.cfg.mask_prob,
                 span=self.cfg.mask_length,
                 min_spans=self.cfg.min_spans,
-                rng=_seed(self.cfg.seed, self.rank, worker, state.batches),
+                rng=_seed(self.cfg.seed, self.rank, stream, state.batches),
             )
             state.batches += 1
-            yield _Tagged(Batch(torch.from_numpy(audio), torch.from_numpy(mask), keys), worker, state.to_dict())
+            yield _Tagged(Batch(torch.from_numpy(audio), torch.from_numpy(mask), keys), stream, state.to_dict())
             audio = np.empty_like(audio)
             keys = []
 
-    def _crops(self, worker: int, state: ConsumerState) -> Iterator[tuple[_Crop, tuple[int, int, int]]]:
+    def _crops(self, stream: int, state: StreamPosition) -> Iterator[tuple[_Crop, tuple[int, int, int]]]:
         """(crop, position after it) for every crop from `state`'s position on; epochs follow one another."""
         epoch, skip_records, skip_crops = state.epoch, state.records, state.crops
         empty_epochs = 0
         while True:
             progressed = False
-            for index, record in enumerate(self._shuffled_records(worker, epoch, state.skipped), start=1):
+            for index, record in enumerate(self._shuffled_records(stream, epoch, state.skipped), start=1):
                 if index < skip_records or (index == skip_records and skip_crops >= self.cfg.crops_per_clip):
                     progressed = True  # consumed before the resume point: replayed without decoding
                     continue
@@ -239,7 +240,7 @@ class ShardStream(IterableDataset):
             empty_epochs = 0 if progressed else empty_epochs + 1
             if empty_epochs >= self._patience():
                 raise RuntimeError(
-                    f"rank {self.rank} worker {worker}: no usable audio in its shards for {empty_epochs} epoch(s)"
+                    f"rank {self.rank} stream {stream}: no usable audio in its shards for {empty_epochs} epoch(s)"
                     f" (skipped: {dict(state.skipped)}); check data.shards"
                 )
             epoch, skip_records, skip_crops = epoch + 1, 0, 0
@@ -250,21 +251,21 @@ class ShardStream(IterableDataset):
         return 3 * math.ceil(len(self.urls) / self._shards_per_epoch()) if self.cfg.resample else 1
 
     def _shards_per_epoch(self) -> int:
-        return max(1, len(self.urls) // (self.world_size * self.workers))
+        return max(1, len(self.urls) // (self.world_size * self.streams_per_rank))
 
-    def _worker_shards(self, worker: int, epoch: int) -> list[str]:
-        consumers = self.world_size * self.workers
-        consumer = self.rank * self.workers + worker
+    def _stream_shards(self, stream: int, epoch: int) -> list[str]:
+        streams = self.world_size * self.streams_per_rank
+        index = self.rank * self.streams_per_rank + stream  # among every rank's streams
         if self.cfg.resample:
-            draws = _seed(self.cfg.seed, epoch, consumer).integers(len(self.urls), size=self._shards_per_epoch())
+            draws = _seed(self.cfg.seed, epoch, index).integers(len(self.urls), size=self._shards_per_epoch())
             return [self.urls[i] for i in draws]
         order = _seed(self.cfg.seed, epoch).permutation(len(self.urls))
-        return [self.urls[i] for i in order[consumer::consumers]]
+        return [self.urls[i] for i in order[index::streams]]
 
-    def _shuffled_records(self, worker: int, epoch: int, skipped: Counter[str]) -> Iterator[dict[str, Any]]:
-        rng = _seed(self.cfg.seed, epoch, self.rank, worker)
+    def _shuffled_records(self, stream: int, epoch: int, skipped: Counter[str]) -> Iterator[dict[str, Any]]:
+        rng = _seed(self.cfg.seed, epoch, self.rank, stream)
         buffer: list[dict[str, Any]] = []
-        for url in self._worker_shards(worker, epoch):
+        for url in self._stream_shards(stream, epoch):
             for record in _read_shard(url, skipped):
                 buffer.append(record)
                 if len(buffer) >= self.cfg.shuffle_buffer:
@@ -350,16 +351,18 @@ class StreamingLoader:
         if cfg.workers == AUTO_WORKERS:
             raise ValueError("data.workers=-1 must be resolved first: DataConfig.sized_for(cpus_per_rank)")
         check_shard_count(len(self.urls), cfg, world_size)
-        self.stream = ShardStream(cfg, self.urls, frames=frames, rank=rank, world_size=world_size, workers=cfg.workers)
-        self._workers: dict[int, dict[str, Any]] = {}
-        self._next_worker = 0
+        self.streams = RankStreams(
+            cfg, self.urls, frames=frames, rank=rank, world_size=world_size, workers=cfg.workers
+        )
+        self._positions: dict[int, dict[str, Any]] = {}  # stream -> its position after the last batch handed out
+        self._next_stream = 0
         self._identity = {"seed": cfg.seed, "rank": rank, "world_size": world_size, "workers": cfg.workers}
 
     def __iter__(self) -> Iterator[Batch]:
-        self.stream.rotation = self._next_worker
-        self.stream.resume = dict(self._workers)
+        self.streams.rotation = self._next_stream
+        self.streams.resume = dict(self._positions)
         loader = DataLoader(
-            self.stream,
+            self.streams,
             batch_size=None,  # workers make whole batches
             num_workers=self.cfg.workers,
             pin_memory=torch.cuda.is_available(),  # page-locked batches copy to the GPU asynchronously
@@ -369,19 +372,19 @@ class StreamingLoader:
             worker_init_fn=_leave_signals_to_the_trainer,
         )
         for tagged in loader:
-            self._workers[tagged.worker] = tagged.state
-            self._next_worker = (tagged.worker + 1) % max(self.cfg.workers, 1)
+            self._positions[tagged.stream] = tagged.state
+            self._next_stream = (tagged.stream + 1) % max(self.cfg.workers, 1)
             yield tagged.batch
 
     def skipped(self) -> dict[str, int]:
-        """Samples and shards skipped so far, by reason, summed over this rank's workers (for logging)."""
+        """Samples and shards skipped so far, by reason, summed over this rank's streams (for logging)."""
         total: Counter[str] = Counter()
-        for state in self._workers.values():
+        for state in self._positions.values():
             total.update(state["skipped"])
         return {reason: total[reason] for reason in SKIP_REASONS}
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"identity": self._identity, "workers": self._workers, "next_worker": self._next_worker}
+        state = {"identity": self._identity, "streams": self._positions, "next_stream": self._next_stream}
         return copy.deepcopy(state)  # a snapshot: iteration goes on replacing the live entries
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -390,5 +393,5 @@ class StreamingLoader:
                 f"data-loader state was saved with {state['identity']} and cannot continue exactly with"
                 f" {self._identity}: resume with the same seed, world size and data.workers"
             )
-        self._workers = {int(worker): position for worker, position in state["workers"].items()}
-        self._next_worker = state["next_worker"]
+        self._positions = {int(stream): position for stream, position in state["streams"].items()}
+        self._next_stream = state["next_stream"]

@@ -366,10 +366,3 @@ def _write_manifest(
     tmp.replace(out / MANIFEST)
     (out / PROGRESS).unlink()
     return manifest
-
-
-def iter_manifest_urls(manifest_path: str | Path) -> Iterator[str]:
-    """Absolute shard paths of a manifest, in order."""
-    manifest_path = Path(manifest_path)
-    for shard in json.loads(manifest_path.read_text())["shards"]:
-        yield str(manifest_path.parent / shard["url"])

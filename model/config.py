@@ -55,10 +55,6 @@ class ModelConfig:
         return self.conv_layers[-1][0]
 
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.heads
-
-    @property
     def regression_scale(self) -> float:
         return self.loss_scale if self.loss_scale is not None else 1.0 / math.sqrt(self.dim)
 

@@ -29,8 +29,8 @@ class EMATeacher:
     `.parameters()`, so to the optimizer and weight decay, to DeepSpeed's precision casts and ZeRO partitioning, and
     to gradient all-reduce. It is always in eval mode (no dropout, no LayerDrop) and never requires grad.
 
-    Parameters whose names start with one of `copied_prefixes` (the positional conv, spec's `ema_layers_only`) are
-    copied from the student at every update instead of averaged.
+    Parameters whose names start with one of `copied_prefixes` (the positional conv: fairseq's `ema_layers_only`,
+    docs/ALGORITHM.md §6) are copied from the student at every update instead of averaged.
 
     ZeRO-3: the student's parameters are then partitioned across ranks and each local `param` is an empty
     placeholder. The trainer calls `update` inside `deepspeed.zero.GatheredParameters(student_params)`, a read-only
@@ -83,5 +83,5 @@ def _group_by_dtype(teacher: list[Tensor], student: list[Tensor]) -> list[tuple[
         group = groups.setdefault(s.dtype, ([], []))
         group[0].append(t)
         group[1].append(s)
-    # _foreach_lerp_ needs matching dtypes; a bf16/fp16 student is widened once per update (the spec's fp32 shadow).
+    # _foreach_lerp_ needs matching dtypes; a bf16/fp16 student is widened once per update (fairseq's fp32 shadow, §6).
     return [(t, s if dtype == torch.float32 else [x.float() for x in s]) for dtype, (t, s) in groups.items()]

@@ -29,6 +29,7 @@ from model import Data2VecAudio, load_hf
 from model.hf import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
 from probes.datasets.files import DatasetError
 from probes.tasks import Example, Task
+from trainer.layout import export_of
 
 WINDOW_SECONDS = 30.0
 MIN_WINDOW_SECONDS = 1.0
@@ -47,10 +48,9 @@ def model_folder(checkpoint: Path) -> Path:
     checkpoint = Path(checkpoint)
     if (checkpoint / "config.json").is_file():
         return checkpoint
-    if checkpoint.parent.name == "checkpoints":
-        export = checkpoint.parent.parent / "exports" / checkpoint.name
-        if (export / "config.json").is_file():
-            return export
+    export = export_of(checkpoint)
+    if export is not None and (export / "config.json").is_file():
+        return export
     raise FileNotFoundError(
         f"{checkpoint}: not an export folder, a run's checkpoints/step_N (with exports/step_N beside it), or a"
         " Hugging Face Data2VecAudioModel folder (config.json + weights)"

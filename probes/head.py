@@ -1,10 +1,10 @@
-"""The probe head and its training (spec §8.2, MARBLE's defaults): learnable softmax weights over hidden states
-1-12, then Linear → ReLU → Dropout(0.2) → Linear; Adam, batch 64, at most 100 epochs, ReduceLROnPlateau and
-early stopping on the task's validation metric; every window is an example, and windows are averaged per song
-before scoring.
+"""The probe head and its training (MARBLE's defaults, docs/ALGORITHM.md §10.2): learnable softmax weights over
+hidden states 1-12, then Linear → ReLU → Dropout(0.2) → Linear; Adam, batch 64, at most 100 epochs,
+ReduceLROnPlateau and early stopping on the task's validation metric; every window is an example, and windows are
+averaged per song before scoring.
 
 Options: one fixed hidden state instead of the learned weights (a layer-wise curve), a linear head, and the
-knobs of JukeMIR's grid (spec §8.1): input dropout, L2 weight decay, feature standardisation, batch size.
+knobs of JukeMIR's grid (§10.1): input dropout, L2 weight decay, feature standardisation, batch size.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -68,39 +69,78 @@ SONG_ENSEMBLES = ("mean", "vote", "max_logit", "mean_softmax")
 
 
 def train_probe(task: Task, examples: list[Example], features: Features, *, seed: int, cfg: HeadConfig) -> ProbeResult:
+    """A head fitted on the training windows, with the song ensemble best on valid; scored on valid and test."""
     torch.manual_seed(seed)
-    windows = {split: _windows_of(examples, features.example, split) for split in ("train", "valid", "test")}
-    if cfg.standardize:
-        train = features.values[windows["train"]]
-        features = Features((features.values - train.mean(dim=0)) / train.std(dim=0).clamp_min(1e-6), features.example)
-    inputs = head_inputs(features.values, cfg)
-    head = LayerWeightedMLP(inputs.shape[1], inputs.shape[2], task.outputs, cfg)
-    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr or task.lr, weight_decay=cfg.weight_decay)
-    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="max", factor=0.5, patience=task.plateau_patience
+    inputs = probe_inputs(task, examples, features, cfg)
+    head = LayerWeightedMLP(inputs.values.shape[1], inputs.values.shape[2], task.outputs, cfg)
+    scores = functools.partial(evaluate, task, head, examples, inputs)
+
+    def best_ensemble() -> tuple[str, dict[str, float]]:  # MARBLE monitors the best ensemble's validation score
+        by_ensemble = {ensemble: scores(split="valid", ensemble=ensemble) for ensemble in task.song_ensembles}
+        return max(by_ensemble.items(), key=lambda item: item[1][task.monitor])
+
+    epochs = fit(head, task, inputs, cfg, seed=seed, validate=lambda: best_ensemble()[1][task.monitor])
+    ensemble, valid_scores = best_ensemble()
+    return ProbeResult(
+        test=scores(split="test", ensemble=ensemble),
+        valid=valid_scores,
+        epochs=epochs,
+        layer_weights=head.layer_weights(),
+        ensemble=ensemble,
     )
+
+
+@dataclass(frozen=True)
+class ProbeInputs:
+    """What a head trains on and is scored on, one row per window."""
+
+    values: torch.Tensor  # (window, layer, dim): the hidden states the head sees
+    targets: torch.Tensor  # regression targets standardised with the training split's statistics
+    owners: torch.Tensor  # (window,): the example each window comes from
+    windows: dict[str, torch.Tensor]  # split -> its windows
+    unscale: tuple[torch.Tensor, torch.Tensor]  # (shift, spread): head outputs back to the targets' units
+
+
+def probe_inputs(task: Task, examples: list[Example], features: Features, cfg: HeadConfig) -> ProbeInputs:
+    windows = {split: _windows_of(examples, features.example, split) for split in ("train", "valid", "test")}
+    values = features.values
+    if cfg.standardize:
+        train = values[windows["train"]]
+        values = (values - train.mean(dim=0)) / train.std(dim=0).clamp_min(1e-6)
     targets = _targets(task, examples, features)
     # regression targets are standardised with the training split's statistics (JukeMIR); R² does not change
     shift, spread = _standardisation(task, targets[windows["train"]])
     if task.kind == "regression":
         targets = (targets - shift) / spread
+    return ProbeInputs(head_inputs(values, cfg), targets, features.example, windows, (shift, spread))
+
+
+def fit(
+    head: LayerWeightedMLP,
+    task: Task,
+    inputs: ProbeInputs,
+    cfg: HeadConfig,
+    *,
+    seed: int,
+    validate: Callable[[], float],
+) -> int:
+    """Adam on the training windows, ReduceLROnPlateau and early stopping on `validate()` (higher is better); the
+    head keeps the weights of its best epoch. Returns the epochs run."""
+    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr or task.lr, weight_decay=cfg.weight_decay)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=0.5, patience=task.plateau_patience
+    )
     loss_fn = _loss(task)
-    scores = functools.partial(evaluate, task, head, examples, inputs, features.example, unscale=(shift, spread))
-
-    def best_ensemble(split: str) -> tuple[str, dict[str, float]]:
-        by_ensemble = {ensemble: scores(split=split, ensemble=ensemble) for ensemble in task.song_ensembles}
-        return max(by_ensemble.items(), key=lambda item: item[1][task.monitor])
-
     generator = torch.Generator().manual_seed(seed)
+    train = inputs.windows["train"]
     best, best_state, since_best, epochs = -np.inf, copy.deepcopy(head.state_dict()), 0, 0
     for epochs in range(1, cfg.max_epochs + 1):  # noqa: B007 - the count is reported
         head.train()
-        order = windows["train"][torch.randperm(len(windows["train"]), generator=generator)]
-        for batch in order.split(cfg.batch_size):
+        for batch in train[torch.randperm(len(train), generator=generator)].split(cfg.batch_size):
             optimizer.zero_grad()
-            loss_fn(head(inputs[batch]), targets[batch]).backward()
+            loss_fn(head(inputs.values[batch]), inputs.targets[batch]).backward()
             optimizer.step()
-        valid = best_ensemble("valid")[1][task.monitor]  # MARBLE monitors the best ensemble's score
+        valid = validate()
         plateau.step(valid)
         if valid > best:
             best, best_state, since_best = valid, copy.deepcopy(head.state_dict()), 0
@@ -109,14 +149,7 @@ def train_probe(task: Task, examples: list[Example], features: Features, *, seed
             if since_best >= task.stop_patience:
                 break
     head.load_state_dict(best_state)
-    ensemble, valid_scores = best_ensemble("valid")
-    return ProbeResult(
-        test=scores(split="test", ensemble=ensemble),
-        valid=valid_scores,
-        epochs=epochs,
-        layer_weights=head.layer_weights(),
-        ensemble=ensemble,
-    )
+    return epochs
 
 
 def best_on_valid(
@@ -138,27 +171,18 @@ def head_inputs(values: torch.Tensor, cfg: HeadConfig) -> torch.Tensor:
 
 @torch.inference_mode()
 def evaluate(
-    task: Task,
-    head: nn.Module,
-    examples: list[Example],
-    inputs: torch.Tensor,
-    owners: torch.Tensor,
-    *,
-    split: str,
-    unscale: tuple[torch.Tensor, torch.Tensor],
-    ensemble: str = "mean",
+    task: Task, head: nn.Module, examples: list[Example], inputs: ProbeInputs, *, split: str, ensemble: str = "mean"
 ) -> dict[str, float]:
-    """Window outputs combined per song (`SONG_ENSEMBLES`), then scored.
-
-    `inputs` are the head's inputs per window, `owners` the example each window comes from."""
+    """The head's outputs on a split's windows, combined per song (`SONG_ENSEMBLES`), then scored."""
     head.eval()
-    chosen = _windows_of(examples, owners, split)
-    outputs = head(inputs[chosen]) * unscale[1] + unscale[0]
-    songs = [examples[int(owners[w])].song_id for w in chosen]
+    chosen = inputs.windows[split]
+    shift, spread = inputs.unscale
+    outputs = head(inputs.values[chosen]) * spread + shift
+    songs = [examples[int(inputs.owners[w])].song_id for w in chosen]
     names = sorted(set(songs))
     index = torch.tensor([names.index(song) for song in songs])
     per_song = song_outputs(outputs, index, len(names), ensemble).numpy()
-    first = {song: examples[int(owners[w])] for w, song in zip(chosen.tolist(), songs, strict=True)}
+    first = {song: examples[int(inputs.owners[w])] for w, song in zip(chosen.tolist(), songs, strict=True)}
     return score(task, per_song, np.stack([_target_array(task, first[name].target) for name in names]))
 
 
@@ -221,9 +245,9 @@ def lr_sweep(base: HeadConfig) -> list[HeadConfig]:
 
 
 def jukemir_grid(base: HeadConfig) -> list[HeadConfig]:
-    """JukeMIR's 216 heads (spec §8.1), every combination of: standardisation on or off, hidden none or 512,
-    batch 64 or 256, lr 1e-5, 1e-4 or 1e-3, dropout 0.25, 0.5 or 0.75 (input and hidden), L2 0, 1e-4 or 1e-3;
-    the rest from `base`.
+    """JukeMIR's 216 heads (docs/ALGORITHM.md §10.1), every combination of: standardisation on or off, hidden
+    none or 512, batch 64 or 256, lr 1e-5, 1e-4 or 1e-3, dropout 0.25, 0.5 or 0.75 (input and hidden), L2 0, 1e-4
+    or 1e-3; the rest from `base`.
 
     Each head trains with this module's loop (epochs, plateau, early stopping), not JukeMIR's sampled batches.
     """

@@ -21,9 +21,15 @@ from typing import Any
 
 from data import jsonlines
 from probes.probe import REGISTRY, ProbeSettings, probe
-from trainer.layout import COMPLETE, PROBE_RESULTS, complete_checkpoints
-
-REPORT = Path("probes") / "report.md"
+from trainer.layout import (
+    COMPLETE,
+    CONFIG,
+    NIGHTLY_LOCK,
+    PROBE_REPORT,
+    PROBE_RESULTS,
+    TENSORBOARD,
+    complete_checkpoints,
+)
 
 
 class RunBusyError(RuntimeError):
@@ -34,11 +40,11 @@ def nightly(run_dir: Path, tasks: list[str], settings: ProbeSettings) -> list[di
     """Probe what is missing, write its TensorBoard scalars and results, regenerate the report; the new rows. A
     checkpoint that training prunes meanwhile is skipped; after any other failure the report still shows what the
     results hold."""
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
+    if not (run_dir / CONFIG).is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no {CONFIG})")
     new_rows: list[dict[str, Any]] = []
     scalars = _ProbeScalars(run_dir)
-    with _locked(run_dir / "probes" / "nightly.lock"):
+    with _locked(run_dir / NIGHTLY_LOCK):
         done = {(row["step"], row["task"], row["seed"]) for row in read_results(run_dir)}
         try:
             for step, folder in complete_checkpoints(run_dir):
@@ -136,7 +142,7 @@ class _ProbeScalars:
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+            self.writer = SummaryWriter(str(self.run_dir / TENSORBOARD))
         for (task, metric), values in _by_metric(rows).items():
             self.writer.add_scalar(f"probe/{task}/{metric}", statistics.mean(values), step)
         self.writer.flush()
@@ -178,7 +184,7 @@ def write_report(run_dir: Path) -> Path:
                 f"| {step} | {metric} | {statistics.mean(values):.4f} ± {spread:.4f} | {len(values)} |{published}"
             )
         lines.append("")
-    path = run_dir / REPORT
+    path = run_dir / PROBE_REPORT
     partial = path.with_suffix(".partial")
     partial.write_text("\n".join(lines) + "\n")
     partial.rename(path)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from probes.datasets import demo, emomusic, giantsteps, gtzan, magnatagatune
 from probes.features import FeaturePrecision, model_folder, task_features
 from probes.head import HeadConfig, best_on_valid, jukemir_grid, lr_sweep
 from probes.tasks import Example, Task
+from trainer.layout import step_of
 
 # task name -> (task, the adapter that lists its examples under a data root)
 REGISTRY: dict[str, tuple[Task, Callable[[Task, Path], list[Example]]]] = {
@@ -32,8 +32,7 @@ def task_names() -> list[str]:
 
 def checkpoint_step(checkpoint: Path) -> int | None:
     """The training step of a run's checkpoints/step_N or exports/step_N; None for a foreign model."""
-    match = re.fullmatch(r"step_(\d+)", Path(checkpoint).name)
-    return int(match.group(1)) if match else None
+    return step_of(checkpoint)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Probe tasks: what is predicted, how it is scored, and the head's training settings (spec §8.2, MARBLE).
+"""Probe tasks: what is predicted, how it is scored, and the head's training settings (MARBLE,
+docs/ALGORITHM.md §10.2).
 
 Every task reads one list of `Example`s from its dataset adapter; a task's primary metric (`monitor`) drives
 early stopping and the LR schedule, and is the one reported first.
@@ -11,7 +12,6 @@ from pathlib import Path
 from typing import Literal
 
 Kind = Literal["multiclass", "multilabel", "regression"]
-SPLITS = ("train", "valid", "test")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,8 @@
-"""Shared fixtures: a small corpus of real audio files, and shards written from it by the project's writer."""
+"""Shared fixtures: a small corpus of real audio files, shards written from it by the project's writer, demo music,
+and one training rank in this process."""
 
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +73,25 @@ def probe_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("probe_data")
     demo.prepare(root)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """One gloo rank in this process, as `music2vec train` starts it. What that changes is taken back afterwards:
+    the variables it exports (processes that other tests start must not inherit this rank's port), the signal
+    handlers `train` installs, and DeepSpeed's process groups (DeepSpeed's own teardown forgets the ones it cached,
+    so that the next rank started in this process gets new ones)."""
+    import deepspeed.comm
+
+    from cluster.environment import from_environment, init_distributed
+    from trainer.stop import STOP_SIGNALS
+
+    saved_environment = dict(os.environ)
+    saved_handlers = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+    init_distributed(from_environment())
+    yield
+    deepspeed.comm.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved_environment)
+    for number, handler in saved_handlers.items():
+        signal.signal(number, handler)

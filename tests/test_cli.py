@@ -38,6 +38,7 @@ def test_readme_documents_every_command_and_no_other():
     assert documented == set(commands.choices)
 
 
+@pytest.mark.slow
 def test_demo_trains_probes_and_learns(music2vec, tmp_path):
     """`music2vec demo` as the README runs it: music, shards, 600 updates, the nightly probes, and the proof that
     the pipeline learns: on demo_tempo the pretrained model scores clearly above itself at random initialization.

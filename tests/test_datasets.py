@@ -154,6 +154,7 @@ def _edit(path: Path, old: str, new: str, count: int = -1) -> None:
     path.write_text(text.replace(old, new, count))
 
 
+@pytest.mark.slow
 def test_probe_runs_every_published_task_and_the_report_shows_the_published_scores(published, tmp_path):
     """The real tasks end to end on their layouts: decoding MP3, WAV and stereo, heads, metrics, report."""
     root, _ = published
@@ -214,6 +215,7 @@ def test_a_bad_audio_file_is_named_and_the_files_before_it_are_not_extracted_aga
     assert not kept.exists()
 
 
+@pytest.mark.slow
 def test_features_that_are_not_finite_are_refused_before_anything_is_cached(tmp_path, probe_data):
     """A checkpoint whose weights hold NaN (a diverged run): no features, no cache entry, no result rows."""
     model = Data2VecAudio(preset("tiny"))

@@ -61,6 +61,7 @@ def test_a_layout_with_too_few_gpus_for_the_ranks_is_refused():
 
 
 @needs_no_gpu
+@pytest.mark.slow
 def test_gpus_asked_for_but_unusable_stop_training_before_it_starts(demo_shards, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [MUSIC2VEC, "train", TINY, f"data.shards={demo_shards}", f"train.run_dir={run_dir}"]
@@ -75,6 +76,7 @@ def test_gpus_asked_for_but_unusable_stop_training_before_it_starts(demo_shards,
 
 
 @needs_no_gpu
+@pytest.mark.slow
 def test_a_launched_gpu_job_on_a_node_without_usable_gpus_fails_with_the_reason(demo_shards, tmp_path, capsys):
     args = ["launch", TINY, f"data.shards={demo_shards}", f"train.run_dir={tmp_path / 'run'}", "--executor", "local"]
     assert main([*args, "--gpus-per-node", "1", "--cpus-per-task", "1", "--time", "10"]) == 1

@@ -3,16 +3,13 @@ accumulate in fp32 as the templates ask."""
 
 import copy
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 
-from cluster.environment import from_environment, init_distributed
 from data import span_mask
 from model import Music2Vec
 from trainer.config import load_config
@@ -23,16 +20,7 @@ TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 NO_DROPOUT = ["model.dropout=0", "model.attention_dropout=0", "model.layerdrop=0"]  # identical twins, step for step
 
 
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    """One rank, as `music2vec train` starts it. DeepSpeed reads the variables it exports; they are taken back
-    afterwards, so that processes the other tests start do not inherit this rank's port."""
-    saved = dict(os.environ)
-    init_distributed(from_environment())
-    yield
-    dist.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
+pytestmark = pytest.mark.usefixtures("one_rank")
 
 
 @pytest.mark.parametrize(

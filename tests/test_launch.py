@@ -122,6 +122,7 @@ def test_bad_launches_are_refused_before_anything_is_submitted(case, tmp_path, d
     assert not list(tmp_path.rglob("attempts.jsonl"))
 
 
+@pytest.mark.slow
 def test_local_job_requeues_on_the_timeout_signal_and_finishes(tmp_path, demo_shards):
     """Two ranks as local processes; USR2 twice (the second while the first is being handled) -> one checkpoint,
     one requeue, and the next attempt finishes: every update logged exactly once."""
@@ -143,6 +144,7 @@ def test_local_job_requeues_on_the_timeout_signal_and_finishes(tmp_path, demo_sh
     assert [step for step, _ in complete_checkpoints(run_dir)] == [job.attempts[0].end_step, updates]
 
 
+@pytest.mark.slow
 def test_a_job_out_of_requeues_checkpoints_and_stops(tmp_path, demo_shards):
     """submitit counts a signal as a time-out once the job is within 10 min of its limit (else as a preemption,
     which is always requeued); with a 10 min limit every signal is a time-out."""
@@ -162,6 +164,7 @@ def test_a_job_out_of_requeues_checkpoints_and_stops(tmp_path, demo_shards):
     assert [step for step, _ in complete_checkpoints(run_dir)] == [attempt.end_step]  # nothing lost
 
 
+@pytest.mark.slow
 def test_a_warning_after_the_last_stop_check_does_not_requeue_a_finished_run(tmp_path, demo_shards):
     """USR2 to every task, again and again, from the moment the final checkpoint is being written (after the last
     update's stop check) until the job ends: the run is done, and no second attempt is queued."""
@@ -187,6 +190,7 @@ def test_a_warning_after_the_last_stop_check_does_not_requeue_a_finished_run(tmp
     assert (attempt.end_step, attempt.reason) == (updates, "done")
 
 
+@pytest.mark.slow
 def test_of_two_launches_at_the_same_moment_exactly_one_trains(tmp_path, demo_shards):
     """Both start together; whichever claims the run directory first submits, the other is refused naming it."""
     run_dir = tmp_path / "run"
@@ -234,6 +238,7 @@ def _tasks_of(rank0: int) -> list[int]:
     return [int(pid) for pid in children]
 
 
+@pytest.mark.slow
 def test_status_reads_a_run_directory(tmp_path, demo_shards):
     run_dir = tmp_path / "run"
     result = subprocess.run(

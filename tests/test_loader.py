@@ -1,5 +1,6 @@
 """The streaming loader on real shards written by the writer: shapes, masks, resume, splits, bad data."""
 
+import contextlib
 import io
 import itertools
 import json
@@ -65,28 +66,28 @@ def test_resume_refuses_another_world_size(shards):
 
 
 def test_ranks_and_workers_split_one_epoch_exactly(shards):
-    """Without resampling, every clip is read once per epoch, by exactly one (rank, worker)."""
-    keys_by_consumer = {}
+    """Without resampling, every clip is read once per epoch, by exactly one stream (rank, worker)."""
+    keys_by_stream = {}
     for rank in range(2):
         source = loader(shards, rank=rank, world_size=2, batch_size=1, crops_per_clip=1)
-        iterator = iter(source)
-        seen = {0: [], 1: []}
-        while True:
-            batch = next(iterator)
-            state = source.state_dict()
-            worker = (state["next_worker"] - 1) % 2
-            if state["workers"][worker]["epoch"] == 0:
-                seen[worker].extend(batch.keys)
-            if len(state["workers"]) == 2 and all(w["epoch"] >= 1 for w in state["workers"].values()):
-                break
-        for worker, keys in seen.items():
-            keys_by_consumer[rank, worker] = keys
-    everything = [key for keys in keys_by_consumer.values() for key in keys]
+        with contextlib.closing(iter(source)) as iterator:
+            seen = {0: [], 1: []}
+            while True:
+                batch = next(iterator)
+                state = source.state_dict()
+                stream = (state["next_stream"] - 1) % 2
+                if state["streams"][stream]["epoch"] == 0:
+                    seen[stream].extend(batch.keys)
+                if len(state["streams"]) == 2 and all(s["epoch"] >= 1 for s in state["streams"].values()):
+                    break
+        for stream, keys in seen.items():
+            keys_by_stream[rank, stream] = keys
+    everything = [key for keys in keys_by_stream.values() for key in keys]
     assert len(everything) == len(set(everything)) == 32
-    assert all(keys for keys in keys_by_consumer.values())
+    assert all(keys for keys in keys_by_stream.values())
 
 
-def test_fewer_shards_than_consumers_fails_at_once_unless_resampling(shards):
+def test_fewer_shards_than_streams_fails_at_once_unless_resampling(shards):
     with pytest.raises(ValueError, match=r"8 shard\(s\) for 5 rank\(s\) x 2 worker\(s\)"):
         loader(shards, world_size=5)
     batches = take(loader(shards, rank=4, world_size=5, resample=True), 8)  # never hangs
@@ -139,10 +140,10 @@ def test_bad_data_is_skipped_and_counted_by_reason(tmp_path):
         frames=FRAMES_5S,
     )
     keys, iterator = [], iter(source)
-    while source.state_dict()["workers"].get(0, {"epoch": 0})["epoch"] == 0:
+    while source.state_dict()["streams"].get(0, {"epoch": 0})["epoch"] == 0:
         keys.extend(next(iterator).keys)
     assert sorted(keys[:-1]) == ["fine0", "good0", "good1"]  # the last batch is epoch 1's first
-    epoch_0 = source.state_dict()["workers"][0]["skipped_at_epoch_start"]
+    epoch_0 = source.state_dict()["streams"][0]["skipped_at_epoch_start"]
     assert epoch_0 == {
         "unreadable_shard": 1,
         "truncated_tar": 1,

@@ -17,7 +17,7 @@ def test_every_sample_has_the_same_masked_count():
 
 @pytest.mark.parametrize(("frames", "fraction"), [(249, 0.43), (1499, 0.47)])
 def test_masked_fraction_matches_fairseq_2022(frames, fraction):
-    """The spec simulated fairseq's 2022 algorithm with batch 8: about 43 % at 5 s, 47 % at 30 s."""
+    """fairseq's 2022 algorithm with batch 8 keeps about 43 % at 5 s, 47 % at 30 s (docs/ALGORITHM.md §3)."""
     rng = np.random.default_rng(1)
     observed = np.mean([span_mask(8, frames, rng=rng).mean() for _ in range(200)])
     assert observed == pytest.approx(fraction, abs=0.01)

@@ -17,7 +17,7 @@ def test_base_matches_data2vec_audio_base_parameter_counts():
         model = Music2Vec(preset("base"))
     assert count(model.encoder) == 93_164_288
     assert count(model.final_proj) == 590_592
-    assert count(model.teacher.model) == 88_561_920  # spec: the fp32 shadow of the transformer incl. pos_conv
+    assert count(model.teacher.model) == 88_561_920  # the teacher's fp32 shadow, pos_conv included
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

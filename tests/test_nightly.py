@@ -14,6 +14,8 @@ from probes.nightly import RunBusyError, nightly, nightly_runs, read_results
 from probes.probe import REGISTRY, ProbeSettings
 from trainer.checkpoint import prune
 
+pytestmark = pytest.mark.slow  # each test probes checkpoints of a trained run
+
 ROOT = Path(__file__).resolve().parents[1]
 MUSIC2VEC = str(Path(sys.executable).parent / "music2vec")
 TASK = "demo_instruments"

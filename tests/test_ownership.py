@@ -71,6 +71,7 @@ def test_of_simultaneous_claims_exactly_one_wins(tmp_path, before):
     assert GENERATION.fullmatch(left.name)
 
 
+@pytest.mark.slow
 def test_a_second_run_is_refused_and_a_killed_runs_lease_is_taken_over(demo_shards, tmp_path):
     """A run frozen in the middle of training holds its directory: a second `train` and a `launch` are refused,
     naming it. Killed, its lease is stale: the next run takes it over, says so, resumes and releases it."""
@@ -97,6 +98,7 @@ def test_a_second_run_is_refused_and_a_killed_runs_lease_is_taken_over(demo_shar
     assert holder(run_dir) is None  # released at the end
 
 
+@pytest.mark.slow
 def test_a_holder_whose_scheduler_does_not_answer_is_busy_unless_taken_over(demo_shards, tmp_path):
     """A lease of a SLURM job on another node, and a SLURM controller that cannot be reached (a real squeue, a
     configuration naming a port where nothing listens)."""
@@ -129,6 +131,7 @@ def _unreachable_slurm(tmp_path: Path) -> Path:
     return conf
 
 
+@pytest.mark.slow
 def test_a_run_directory_is_its_users_alone(demo_shards, tmp_path):
     """Created without write permission for group and others, everything in it too; a folder in it made
     group-writable is refused at the next start, unless train.shared_group opts a project folder in."""
@@ -160,6 +163,7 @@ def _wait_for(condition, process: subprocess.Popen) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_a_run_whose_lease_was_taken_over_stops_before_its_next_checkpoint(demo_shards, tmp_path):
     """Someone took the run directory over (`--take-over` on another node, with this run in fact alive): at its next
     checkpoint the run sees the lease is no longer its own and stops without writing."""

@@ -130,6 +130,7 @@ def feature_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+@pytest.mark.slow
 def test_probe_command_writes_rows_for_each_seed_and_metric(export, probe_data, feature_cache, tmp_path):
     out = tmp_path / "results.jsonl"
     cmd = [MUSIC2VEC, "probe", str(export), "--tasks", "demo_instruments", "--data-root", str(probe_data),
@@ -148,6 +149,7 @@ def test_probe_command_writes_rows_for_each_seed_and_metric(export, probe_data, 
     assert "(n=2)" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_layer_wise_curve_has_a_linear_probe_per_hidden_state(export, probe_data, feature_cache, tmp_path):
     out = tmp_path / "curve.jsonl"
     cmd = [MUSIC2VEC, "probe", str(export), "--tasks", "demo_tempo", "--data-root", str(probe_data),
@@ -160,6 +162,7 @@ def test_a_layer_wise_curve_has_a_linear_probe_per_hidden_state(export, probe_da
     assert len(set(result.stdout.splitlines())) == 6  # a header and a line per layer
 
 
+@pytest.mark.slow
 def test_a_layer_the_model_lacks_is_refused_before_any_extraction(export, probe_data, tmp_path):
     cmd = [MUSIC2VEC, "probe", str(export), "--tasks", "demo_key", "--data-root", str(probe_data),
            "--cache-dir", str(tmp_path), "--layers", "0", "9"]  # fmt: skip
@@ -170,6 +173,7 @@ def test_a_layer_the_model_lacks_is_refused_before_any_extraction(export, probe_
     assert not list(tmp_path.rglob("*.safetensors"))
 
 
+@pytest.mark.slow
 def test_unknown_task_is_refused(export, tmp_path):
     cmd = [MUSIC2VEC, "probe", str(export), "--tasks", "demo_mood", "--data-root", str(tmp_path)]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)

@@ -22,6 +22,8 @@ from trainer.config import load_config, save_config
 from trainer.layout import complete_checkpoints, tag
 from trainer.metrics import read_metrics
 
+pytestmark = pytest.mark.slow  # faults injected into training runs
+
 ROOT = Path(__file__).resolve().parents[1]
 MUSIC2VEC = str(Path(sys.executable).parent / "music2vec")
 

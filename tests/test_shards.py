@@ -171,6 +171,7 @@ def resumes_to_the_reference(blocker: Path, reference: Path, out: Path, command:
     assert (out / "manifest.json").read_text() == (reference / "manifest.json").read_text()
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_shards(corpus, tmp_path):
     """kill -9 while the writer waits on a FIFO among its inputs, then run the same command again."""
     blocker, reference, out, command = blocked_run(corpus, tmp_path)
@@ -190,6 +191,7 @@ def test_killed_run_resumes_to_the_same_shards(corpus, tmp_path):
     resumes_to_the_reference(blocker, reference, out, command)
 
 
+@pytest.mark.slow
 def test_a_decoding_process_killed_for_memory_stops_the_run_which_resumes(corpus, tmp_path):
     """SIGKILL (what the out-of-memory killer sends) to the decoding process stuck on an input: the writer stops
     with a message naming that input instead of waiting forever for its result, and the same command resumes."""

@@ -22,6 +22,8 @@ from probes.nightly import read_results
 from trainer.layout import complete_checkpoints
 from trainer.metrics import read_metrics
 
+pytestmark = pytest.mark.slurm
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "cluster" / "testing" / "local_slurm.sh"
 MUSIC2VEC = str(Path(sys.executable).parent / "music2vec")

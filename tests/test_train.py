@@ -19,6 +19,8 @@ from trainer.config import load_config
 from trainer.layout import complete_checkpoints
 from trainer.metrics import read_metrics
 
+pytestmark = pytest.mark.slow  # each test runs `music2vec train` in one or more processes
+
 ROOT = Path(__file__).resolve().parents[1]
 MUSIC2VEC = str(Path(sys.executable).parent / "music2vec")
 UPDATES = 24
@@ -222,7 +224,7 @@ def test_with_gradient_accumulation_the_teacher_moves_once_per_update(demo_shard
     assert result.returncode == 0, result.stderr[-2000:]
     cfg = load_config(tmp_path / "config.yaml")
     state = torch.load(tmp_path / "checkpoints" / "step_000000004" / "rank_00000.pt", weights_only=True)
-    assert state["loader"]["workers"][0]["batches"] == 8  # two micro-batches per update
+    assert state["loader"]["streams"][0]["batches"] == 8  # two micro-batches per update
     for step in range(2, 5):
         previous = load_file(tmp_path / "checkpoints" / f"step_{step - 1:09d}" / "teacher.safetensors")
         teacher = load_file(tmp_path / "checkpoints" / f"step_{step:09d}" / "teacher.safetensors")

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from data.jsonlines import fsync_folder
-from trainer.layout import COMPLETE, STEP_DIR, complete_checkpoints
+from trainer.layout import CHECKPOINTS, COMPLETE, EXPORTS, complete_checkpoints, step_of
 
 
 class CheckpointError(ValueError):
@@ -100,7 +100,7 @@ def verify(folder: Path, *, config_digest: str | None, world_size: int) -> None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
         raise CheckpointError(f"{marker}: not a valid COMPLETE marker ({error})") from None
     problems = []
-    if STEP_DIR.fullmatch(folder.name) is None or step != int(folder.name.removeprefix("step_")):
+    if step != step_of(folder):
         problems.append(f"it says step {step}, the folder is {folder.name}")
     if config_digest is not None and digest != config_digest:
         problems.append(f"it was written with config digest {digest}, this run's is {config_digest}")
@@ -175,12 +175,12 @@ def prune(run_dir: Path, *, keep_last: int, keep_every: int, current: int) -> No
         if step in newest or (keep_every and step % keep_every == 0):
             continue
         shutil.rmtree(folder, ignore_errors=True)
-        shutil.rmtree(run_dir / "exports" / folder.name, ignore_errors=True)
-    for folder in (run_dir / "checkpoints").glob("step_*"):
-        match = STEP_DIR.fullmatch(folder.name)
-        if match and int(match.group(1)) < current and not (folder / COMPLETE).is_file():
+        shutil.rmtree(run_dir / EXPORTS / folder.name, ignore_errors=True)
+    for folder in (run_dir / CHECKPOINTS).glob("step_*"):
+        step = step_of(folder)
+        if step is not None and step < current and not (folder / COMPLETE).is_file():
             shutil.rmtree(folder, ignore_errors=True)  # a save that a crash interrupted
-            shutil.rmtree(run_dir / "exports" / folder.name, ignore_errors=True)
+            shutil.rmtree(run_dir / EXPORTS / folder.name, ignore_errors=True)
 
 
 def free_space(path: Path) -> str:

@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data.config import DataConfig
 from model.config import PRESETS, ModelConfig, preset
+from trainer.layout import CONFIG
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -78,7 +79,7 @@ class TrainConfig:
     keep_last: int = 3  # the newest checkpoints kept ...
     keep_every: int = 25_000  # ... and every one at a multiple of this, permanently (0: none)
     max_nonfinite: int = 20  # consecutive steps with a non-finite loss before the run aborts
-    min_target_var: float = 0.1  # spec §4: collapse when target_var falls below this ...
+    min_target_var: float = 0.1  # collapse (docs/ALGORITHM.md §5) when target_var falls below this ...
     collapse_check_after: int = 5_000  # ... once this many updates are done
     collective_timeout_s: int = 600  # a rank that waits this long for the others ends the run (a rank died or hung)
     shared_group: bool = False  # the run directory may be written by its group (a project folder); never by others
@@ -210,7 +211,7 @@ def _full_key(error: Exception) -> str:
 
 def check_run_dir(cfg: ExperimentConfig, run_dir: Path, *, allow_config_change: bool) -> None:
     """Refuse a run directory that ran another config, unless allowed (a launcher checks before submitting)."""
-    saved = run_dir / "config.yaml"
+    saved = run_dir / CONFIG
     if saved.is_file() and not allow_config_change:
         previous = load_config(saved)
         if previous.digest() != cfg.digest():

@@ -12,7 +12,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from data import jsonlines
-from trainer.layout import METRICS
+from trainer.layout import METRICS, TENSORBOARD
 
 
 class MetricsLog:
@@ -35,7 +35,8 @@ class MetricsLog:
         self.count = 0
         if not self.enabled:
             return
-        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1)  # drop what a crash left past `start`
+        # purge_step drops what a crash left in TensorBoard past `start`
+        self.writer = SummaryWriter(str(run_dir / TENSORBOARD), purge_step=start + 1)
         self.jsonl = run_dir / METRICS
         _truncate_after(self.jsonl, start)
         self.total = total
@@ -73,11 +74,6 @@ class MetricsLog:
         self.writer.flush()
         self.sums.clear()
         self.count = 0
-
-    def scalars(self, step: int, prefix: str, values: dict[str, Any]) -> None:
-        if self.enabled:
-            for name, value in values.items():
-                self.writer.add_scalar(f"{prefix}/{name}", value, step)
 
     def close(self, step: int) -> None:
         if self.enabled:

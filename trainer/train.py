@@ -23,11 +23,10 @@ import torch.distributed as dist
 from data.audio import SAMPLE_RATE
 from data.loader import StreamingLoader
 from model import Music2Vec, save_hf
-from trainer import checkpoint, rundir
+from trainer import checkpoint, layout, rundir
 from trainer.collectives import agree_on_failure, reduce_scalar
 from trainer.config import ExperimentConfig, check_run_dir, save_config
 from trainer.engine import Engine
-from trainer.layout import complete_checkpoints, tag
 from trainer.metrics import MetricsLog
 from trainer.schedule import tri_stage_lr
 from trainer.stop import StopFlag
@@ -106,7 +105,7 @@ def train(
     )
     (stop := stop or StopFlag()).install()
 
-    losses, update = [], UpdateStats()
+    losses, update, nonfinite = [], UpdateStats(), NonFiniteGuard(cfg.train.max_nonfinite)
     # Closed on the way out, on an error too: the DataLoader workers ignore stop signals (the trainer answers them),
     # so only an orderly shutdown ends them, and a process whose workers live on never exits.
     with contextlib.closing(iter(loader)) as batches:
@@ -117,7 +116,7 @@ def train(
             loss, metrics = engine.forward(batch.audio, batch.mask)
 
             # 2) a non-finite loss on any rank skips this micro-batch everywhere; too many in a row abort the run
-            if update.skip_nonfinite(loss, limit=cfg.train.max_nonfinite, updates=updates):
+            if nonfinite.should_skip(loss, updates=updates):
                 continue
 
             # 3) backward and step; DeepSpeed accumulates until the update boundary
@@ -135,7 +134,11 @@ def train(
             updates += 1
             with engine.gathered(model.encoder.transformer):
                 decay = model.update_teacher(updates)
-            values = update.finish(world_size) | {"lr": lr_at(cfg, updates - 1), "ema_decay": decay}
+            values = update.finish(world_size) | {
+                "lr": lr_at(cfg, updates - 1),
+                "ema_decay": decay,
+                "nonfinite_skipped": float(nonfinite.skipped),
+            }
             values |= _optional(grad_norm=engine.grad_norm(), loss_scale=engine.loss_scale())
             values |= {f"loader_skipped_{reason}": count for reason, count in loader.skipped().items()}
             losses.append(values["loss"])
@@ -174,12 +177,33 @@ def lr_at(cfg: ExperimentConfig, updates_done: int) -> float:
     )
 
 
+class NonFiniteGuard:
+    """Skips a micro-batch whose loss is not finite on any rank, on every rank (one rank skipping alone would leave
+    the others waiting in the gradient all-reduce), and aborts the run after `limit` such micro-batches in a row."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.skipped = 0
+        self.in_a_row = 0
+
+    def should_skip(self, loss: torch.Tensor, *, updates: int) -> bool:
+        if reduce_scalar(float(not torch.isfinite(loss).item())) == 0:
+            self.in_a_row = 0
+            return False
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise TrainingAbortedError(
+                f"{self.in_a_row} non-finite losses in a row at update {updates}: the run diverged;"
+                " its last complete checkpoint is intact; lower optim.lr or use bf16 instead of fp16"
+            )
+        return True
+
+
 class UpdateStats:
     """Timing and loss statistics of the micro-batches that make up one optimizer update."""
 
     def __init__(self) -> None:
-        self.nonfinite = 0
-        self.nonfinite_in_a_row = 0
         self._total_audio = 0.0
         self._total_time = 0.0
         self.reset()
@@ -191,20 +215,6 @@ class UpdateStats:
         self.micro_batches = 0
         self.crops = 0
         self.audio_seconds = 0.0
-
-    def skip_nonfinite(self, loss: torch.Tensor, *, limit: int, updates: int) -> bool:
-        """True when this micro-batch must be skipped: its loss, or another rank's, is not finite."""
-        if reduce_scalar(float(not torch.isfinite(loss).item())) == 0:
-            self.nonfinite_in_a_row = 0
-            return False
-        self.nonfinite += 1
-        self.nonfinite_in_a_row += 1
-        if self.nonfinite_in_a_row >= limit:
-            raise TrainingAbortedError(
-                f"{self.nonfinite_in_a_row} non-finite losses in a row at update {updates}: the run diverged;"
-                " its last complete checkpoint is intact; lower optim.lr or use bf16 instead of fp16"
-            )
-        return True
 
     def wait_for(self, batches: Any) -> Any:
         waiting = time.perf_counter()
@@ -232,7 +242,6 @@ class UpdateStats:
             "data_wait_fraction": self.waited / elapsed,
             "samples_per_s": self.crops * world_size / elapsed,
             "audio_seconds_per_s": self.audio_seconds * world_size / elapsed,
-            "nonfinite_skipped": float(self.nonfinite),
         }
         self._total_audio += self.audio_seconds
         self._total_time += elapsed
@@ -248,7 +257,7 @@ def _optional(**values: float | None) -> dict[str, float]:
 
 
 def check_collapse(cfg: ExperimentConfig, updates: int, target_var: float) -> None:
-    """Spec §4: targets whose spread vanishes mean the teacher collapsed; training on is wasted compute."""
+    """Targets whose spread vanishes mean the teacher collapsed (docs/ALGORITHM.md §5): training on wastes compute."""
     if updates > cfg.train.collapse_check_after and target_var < cfg.train.min_target_var:
         raise TrainingAbortedError(
             f"target_var={target_var:.4f} < train.min_target_var={cfg.train.min_target_var} at update {updates}:"
@@ -292,14 +301,14 @@ def prepare_run_dir(
     check_run_dir(cfg, run_dir, allow_config_change=allow_config_change)
     checkpoint.barrier()  # every rank has read the old config before rank 0 replaces it
     if rank == 0:
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / layout.CONFIG)
     checkpoint.barrier()
 
 
 def write_ds_config(run_dir: Path, engine: Engine, *, rank: int) -> None:
     """The DeepSpeed config this run uses, filled in from the template, for the record (rank 0)."""
     if rank == 0:
-        (run_dir / "ds_config.json").write_text(json.dumps(engine.config, indent=2) + "\n")
+        (run_dir / layout.DS_CONFIG).write_text(json.dumps(engine.config, indent=2) + "\n")
 
 
 def check_owner(owner: RunDirOwner | None, *, rank: int) -> None:
@@ -328,7 +337,7 @@ def resume(
     run). A damaged one is reported and left in place, and the one before it is used. `config_digest`: None when a
     config change was allowed."""
     unusable = []
-    for step, folder in reversed(complete_checkpoints(run_dir)):
+    for step, folder in reversed(layout.complete_checkpoints(run_dir)):
         verify = partial(checkpoint.verify, folder, config_digest=config_digest, world_size=world_size)
         problem = agree_on_failure(verify if rank == 0 else None) or agree_on_failure(  # rank 0 reads every file
             partial(load_checkpoint, folder, engine, loader, rank=rank)
@@ -372,9 +381,9 @@ def save_checkpoint(
     calls it. A failure on any rank (a full disk) ends the run on every rank; the previous checkpoint is intact.
     Nothing is written when `owner` lost the run directory to another run."""
     check_owner(owner, rank=rank)
-    name = tag(step)
-    folder = run_dir / "checkpoints" / name
-    export = run_dir / "exports" / name
+    name = layout.tag(step)
+    folder = layout.checkpoint_folder(run_dir, step)
+    export = layout.export_folder(run_dir, step)
 
     def write_files() -> None:
         engine.save(folder.parent, name)

@@ -1,4 +1,4 @@
-"""Emomusic (spec §8.1, JukeMIR): static arousal and valence of 744 clips of 45 s, scored with R².
+"""Emomusic (JukeMIR, docs/ALGORITHM.md §10.1): static arousal and valence of 744 clips of 45 s, scored with R².
 
 Layout under DATA_ROOT (MARBLE's `data/EMO`: the unpacked annotations and clips of "1000 songs for emotional
 analysis of music"):

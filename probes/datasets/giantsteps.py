@@ -1,5 +1,5 @@
-"""GiantSteps key (spec §8.1, JukeMIR): train and valid from the GiantSteps MTG key set, test the GiantSteps key
-set, 24 keys, scored with mir_eval's weighted score per song.
+"""GiantSteps key (JukeMIR, docs/ALGORITHM.md §10.1): train and valid from the GiantSteps MTG key set, test the
+GiantSteps key set, 24 keys, scored with mir_eval's weighted score per song.
 
 Layout under DATA_ROOT (MARBLE's `data/GS`: clones of the two GitHub datasets, with or without a commit suffix):
 

@@ -1,4 +1,4 @@
-"""GTZAN genre, fault-filtered split (Kereliuk et al. 2015, Sturm; spec §8.1): 443 / 197 / 290 tracks.
+"""GTZAN genre, fault-filtered split (Kereliuk et al. 2015, Sturm; docs/ALGORITHM.md §10.1): 443 / 197 / 290 tracks.
 
 Layout under DATA_ROOT (MARBLE's `data/GTZAN`):
 

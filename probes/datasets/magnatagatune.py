@@ -1,4 +1,4 @@
-"""MagnaTagATune, top-50 tags (spec §8.1): JukeMIR's and MARBLE's split by MP3 folder.
+"""MagnaTagATune, top-50 tags (docs/ALGORITHM.md §10.1): JukeMIR's and MARBLE's split by MP3 folder.
 
 Layout under DATA_ROOT (MARBLE's `data/MTT`):
 

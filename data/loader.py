@@ -388,6 +388,11 @@ class StreamingLoader:
         return copy.deepcopy(state)  # a snapshot: iteration goes on replacing the live entries
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "streams" not in state:
+            raise ValueError(
+                "data-loader state written by an earlier music2vec (it names streams 'workers'): resume that"
+                " checkpoint with the version that wrote it"
+            )
         if state["identity"] != self._identity:
             raise ValueError(
                 f"data-loader state was saved with {state['identity']} and cannot continue exactly with"

@@ -1,5 +1,9 @@
 """`music2vec launch` on a real SLURM: the project's one-node cluster (cluster/testing/local_slurm.sh), 2 tasks on CPU.
 
+Starts system services: munge, mariadb, slurmdbd, slurmctld and slurmd, on 127.0.0.1 only, installing their Debian
+packages when missing (needs root and apt), unless they are running already; writes /etc/slurm/slurm.conf and
+slurmdbd.conf. What the `slurm` fixture started, it stops when the session ends.
+
 The reference run is never interrupted; every other run must log exactly its per-update losses, so no update was
 lost or repeated across requeues, cancels and kills.
 """

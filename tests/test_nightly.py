@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from cluster.cli import main
 from probes.nightly import RunBusyError, nightly, nightly_runs, read_results
 from probes.probe import REGISTRY, ProbeSettings
 from trainer.checkpoint import prune
@@ -129,11 +130,11 @@ def test_a_local_nightly_job_probes_the_run_and_keeps_its_log_there(run_dir, pro
         (["--executor", "local", "--tasks", "gtzan"], r"GTZAN/train_filtered.txt: missing"),
     ],
 )
-def test_a_nightly_job_that_would_fail_is_refused_before_it_is_queued(run_dir, probe_data, flags, message):
-    command = [MUSIC2VEC, "nightly", str(run_dir), "--tasks", TASK, "--data-root", str(probe_data), *flags]
-    result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300)
-    assert result.returncode == 2
-    assert message in result.stderr
+def test_a_nightly_job_that_would_fail_is_refused_before_it_is_queued(run_dir, probe_data, flags, message, capsys):
+    with pytest.raises(SystemExit) as exited:  # the command's own entry point, in this process
+        main(["nightly", str(run_dir), "--tasks", TASK, "--data-root", str(probe_data), *flags])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
     assert not (run_dir / "probes").exists()
 
 

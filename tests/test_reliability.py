@@ -151,7 +151,7 @@ def test_a_rank_that_hangs_ends_the_run_within_the_collective_timeout(demo_shard
     """Two ranks started by hand, as srun starts them (no launcher that kills the others): one is frozen with
     SIGSTOP after the first checkpoint; the other gives up after train.collective_timeout_s instead of waiting for
     torch's default 30 minutes, and the checkpoint stays usable."""
-    cmd = train(demo_shards, tmp_path, 200, "train.collective_timeout_s=30", "train.checkpoint_every=2")
+    cmd = train(demo_shards, tmp_path, 200, "train.collective_timeout_s=15", "train.checkpoint_every=2")
     ranks = start_ranks(cmd, port_offset=0)
     try:
         deadline = time.monotonic() + 300
@@ -160,7 +160,7 @@ def test_a_rank_that_hangs_ends_the_run_within_the_collective_timeout(demo_shard
             assert time.monotonic() < deadline
             time.sleep(0.1)
         ranks[1].send_signal(signal.SIGSTOP)
-        _, stderr = ranks[0].communicate(timeout=240)  # well past 30 s, well short of 30 minutes
+        _, stderr = ranks[0].communicate(timeout=240)  # well past 15 s, well short of 30 minutes
         assert ranks[0].returncode != 0
         assert "timed out" in stderr.lower() or "timeout" in stderr.lower(), stderr[-3000:]
     finally:

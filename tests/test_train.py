@@ -166,22 +166,26 @@ def test_the_deepspeed_launcher_runs_the_same_training_as_torchrun(demo_shards, 
     assert losses["deepspeed"] == losses["torchrun"]
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_zero3_teacher_follows_the_partitioned_student(demo_shards, tmp_path, ranks):
-    """The EMA under ZeRO-3 (weights partitioned) matches the same run under ZeRO-2 (weights whole)."""
+def test_zero3_teacher_follows_the_partitioned_student(demo_shards, tmp_path):
+    """The EMA under ZeRO-3 (weights partitioned over two ranks) matches the same run under ZeRO-2 (weights whole).
+    test_train_loop.py compares the two on one rank."""
     teachers = {}
     for stage in (2, 3):
         run_dir = tmp_path / f"zero{stage}"
-        cmd = command(demo_shards, run_dir, "optim.max_updates=8", f"train.zero_stage={stage}")
-        result = run(torchrun(ranks, cmd) if ranks > 1 else cmd)
+        result = run(torchrun(2, command(demo_shards, run_dir, "optim.max_updates=8", f"train.zero_stage={stage}")))
         assert result.returncode == 0, result.stderr[-3000:]
         teachers[stage] = load_file(run_dir / "checkpoints" / "step_000000008" / "teacher.safetensors")
+    assert_same_teacher_that_moved(teachers[2], teachers[3])
+
+
+def assert_same_teacher_that_moved(zero2: dict[str, torch.Tensor], zero3: dict[str, torch.Tensor]) -> None:
+    """The teachers of a ZeRO-2 and a ZeRO-3 run agree, and moved away from the model's start."""
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
     torch.manual_seed(cfg.train.seed)  # the trainer's seed before it builds the model
     initial = Music2Vec(cfg.model).teacher.state_dict()
-    for name, tensor in teachers[2].items():
-        torch.testing.assert_close(teachers[3][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
-    moved = [name for name, tensor in teachers[3].items() if not torch.equal(tensor, initial[name])]
+    for name, tensor in zero2.items():
+        torch.testing.assert_close(zero3[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    moved = [name for name, tensor in zero3.items() if not torch.equal(tensor, initial[name])]
     assert len(moved) > len(initial) // 2  # the teacher followed the student, not just kept its start
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import assert_same_teacher_that_moved
 
 from trainer.config import load_config
 from trainer.layout import checkpoint_folder, complete_checkpoints, export_folder
@@ -20,13 +21,14 @@ TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 pytestmark = pytest.mark.usefixtures("one_rank")
 
 
-def config(shards, run_dir):
+def config(shards, run_dir, *extra):
     overrides = [
         f"data.shards={shards}",
         f"train.run_dir={run_dir}",
         "optim.max_updates=4",
         "train.checkpoint_every=2",
         "train.log_every=1",
+        *extra,
     ]
     return load_config(TINY, overrides)
 
@@ -63,3 +65,18 @@ def test_a_requested_stop_checkpoints_at_the_next_update(demo_shards, tmp_path):
     summary = train(config(demo_shards, tmp_path))
     assert (summary.start_step, summary.end_step, summary.stopped_by) == (1, 4, None)
     assert [entry["step"] for entry in read_metrics(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_zero3s_teacher_is_zero2s(demo_shards, tmp_path):
+    """One rank under ZeRO-3 (the teacher gathers the student's weights for its update) and under ZeRO-2: the same
+    teacher. test_train.py does the same with the weights partitioned over two ranks."""
+    teachers = {}
+    for stage in (2, 3):
+        run_dir = tmp_path / f"zero{stage}"
+        train(
+            config(
+                demo_shards, run_dir, "optim.max_updates=8", "train.checkpoint_every=8", f"train.zero_stage={stage}"
+            )
+        )
+        teachers[stage] = load_file(checkpoint_folder(run_dir, 8) / "teacher.safetensors")
+    assert_same_teacher_that_moved(teachers[2], teachers[3])

@@ -1,1 +1,1 @@
-"""Cluster: the `music2vec` command line, distributed environments, submitit executors."""
+"""Cluster: distributed environments, job submission through submitit, run ownership, the status table."""

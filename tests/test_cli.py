@@ -29,7 +29,7 @@ def test_readme_documents_every_command_and_no_other():
     import argparse
     import re
 
-    from cluster.cli import build_parser
+    from trainer.cli import build_parser
 
     parser = build_parser()
     [commands] = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]

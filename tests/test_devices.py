@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.cli import main
 from cluster.environment import GPUUnavailableError, cuda_device_index, gpus_requested
+from trainer.cli import main
 from trainer.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from cluster.attempts import latest_job
-from cluster.cli import main
 from cluster.config import ClusterConfig, load_job_config, slurm_minutes
 from data.jsonlines import read
+from trainer.cli import main
 from trainer.config import load_config, save_config
 from trainer.layout import complete_checkpoints, tag
 from trainer.metrics import read_metrics

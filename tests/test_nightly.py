@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cluster.cli import main
 from probes.nightly import RunBusyError, nightly, nightly_runs, read_results
 from probes.probe import REGISTRY, ProbeSettings
 from trainer.checkpoint import prune
+from trainer.cli import main
 
 pytestmark = pytest.mark.slow  # each test probes checkpoints of a trained run
 

@@ -1,4 +1,8 @@
-"""The `music2vec` command line: one entry point, one subcommand per way of using the system."""
+"""The `music2vec` command line: one entry point, one subcommand per way of using the system.
+
+Each command is a short function that imports the package doing the work when it runs (data, trainer, cluster or
+probes): the command line reaches every package, and starting one command loads only what that command needs.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from typing import Any, Literal
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from cluster.demo import run_demo
+    from trainer.demo import run_demo
 
     run_demo(Path(args.out), clips=args.clips, steps=args.steps, probes=not args.no_probes)
     return 0

@@ -2,7 +2,8 @@
 -> the nightly probe job on the demo tasks, beside the same model at its random initialization.
 
 Everything lands under one folder (runs/demo by default); running the demo again reuses what is there, so a second
-run only prints the summary.
+run only prints the summary. An entry point, like trainer.cli: it reaches every package, and nothing imports it
+but the command line.
 """
 
 from __future__ import annotations

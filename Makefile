@@ -1,4 +1,5 @@
-# The set-up commands: `make demo`, `make test` (the full suite, what CI runs) and `make test-fast`. Both create .venv when it is missing.
+# The set-up commands: `make demo`, `make test` (the full suite, what CI runs) and `make test-fast`; each creates
+# .venv when it is missing.
 # On a GPU machine: `make gpu-check` (wheels from `make gpu-wheels`, run where there is network).
 PYTHON ?= python3
 VENV := .venv

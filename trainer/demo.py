@@ -23,7 +23,7 @@ from probes.datasets import demo as demo_tasks
 from probes.nightly import nightly, read_results
 from probes.probe import ProbeSettings, probe
 from trainer.config import ExperimentConfig, load_config
-from trainer.layout import METRICS, PROBE_REPORT, PROBE_RESULTS, latest_complete
+from trainer.layout import CHECKPOINTS, EXPORTS, METRICS, PROBE_REPORT, PROBE_RESULTS, TENSORBOARD, latest_complete
 from trainer.metrics import read_metrics
 from trainer.train import train
 
@@ -107,7 +107,7 @@ def report(run_dir: Path, device: str | None) -> None:
     print(f"  loss        {first['loss']:.3f} at update 1 -> {last['loss']:.3f} at update {last['step']}")
     print(f"  target_var  {first['target_var']:.3f} -> {last['target_var']:.3f}")
     print(f"  throughput  {last['audio_seconds_per_s']:.0f} audio-seconds/s (last update)")
-    print(f"  checkpoints {run_dir / 'checkpoints'}")
-    print(f"  exports     {run_dir / 'exports'}  (Hugging Face Data2VecAudioModel folders)")
+    print(f"  checkpoints {run_dir / CHECKPOINTS}")
+    print(f"  exports     {run_dir / EXPORTS}  (Hugging Face Data2VecAudioModel folders)")
     print(f"  metrics     {run_dir / METRICS}")
-    print(f"  TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
+    print(f"  TensorBoard: tensorboard --logdir {run_dir / TENSORBOARD}")

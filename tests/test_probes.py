@@ -67,6 +67,7 @@ def export(tmp_path_factory) -> Path:
     return save_hf(Data2VecAudio(preset("tiny")), tmp_path_factory.mktemp("export") / "step_000000007")
 
 
+@pytest.mark.slow  # the demo tasks' clips (probe_data) take a while to make
 def test_features_are_cached_per_checkpoint_and_task(export, probe_data, tmp_path):
     examples = demo.examples(KEY, probe_data)[:6]
     first = task_features(export, KEY, examples, cache=tmp_path, progress=False)

@@ -95,13 +95,15 @@ class ProbeInputs:
     """What a head trains on and is scored on, one row per window."""
 
     values: torch.Tensor  # (window, layer, dim): the hidden states the head sees
-    targets: torch.Tensor  # regression targets standardised with the training split's statistics
+    targets: torch.Tensor  # class, tag or value targets; values standardised with the training split's statistics
     owners: torch.Tensor  # (window,): the example each window comes from
     windows: dict[str, torch.Tensor]  # split -> its windows
     unscale: tuple[torch.Tensor, torch.Tensor]  # (shift, spread): head outputs back to the targets' units
 
 
 def probe_inputs(task: Task, examples: list[Example], features: Features, cfg: HeadConfig) -> ProbeInputs:
+    """The windows of each split, their features (standardised per layer and dimension with the training split's
+    statistics when `cfg.standardize`, JukeMIR's option), the hidden states the head sees, and the targets."""
     windows = {split: _windows_of(examples, features.example, split) for split in ("train", "valid", "test")}
     values = features.values
     if cfg.standardize:

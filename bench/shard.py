@@ -68,35 +68,32 @@ def audio_seconds(paths: list[str]) -> float:
     return sum(sf.info(path).duration for path in paths)
 
 
-def soxr_seconds(paths: list[str]) -> float | None:
-    """soxr's resampler on the same downmixed audio (decoding not counted); None without soxr."""
+Resampler = Callable[[np.ndarray, int], np.ndarray]  # (mono audio, its rate) -> 16 kHz audio
+
+
+def soxr_hq() -> Resampler | None:
+    """soxr's high-quality resampler; None without soxr."""
     try:
         import soxr
     except ImportError:
         return None
-    total = 0.0
+    return lambda audio, rate: soxr.resample(audio, rate, SAMPLE_RATE, quality="HQ")
+
+
+def resample_seconds(paths: list[str], resamplers: dict[str, Resampler]) -> dict[str, float]:
+    """Each resampler's time on every file's downmixed audio, each file decoded once (decoding not counted)."""
+    totals = dict.fromkeys(resamplers, 0.0)
     for path in paths:
         audio, rate = sf.read(path, dtype="float32", always_2d=True)
         mono = audio.mean(axis=1)
-        started = time.perf_counter()
-        soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")
-        total += time.perf_counter() - started
-    return total
+        for name, resampler in resamplers.items():
+            started = time.perf_counter()
+            resampler(mono, rate)
+            totals[name] += time.perf_counter() - started
+    return totals
 
 
-def torchaudio_resample_seconds(paths: list[str]) -> float:
-    """torchaudio's resampler as the writer calls it, on whole downmixed files (decoding not counted)."""
-    total = 0.0
-    for path in paths:
-        audio, rate = sf.read(path, dtype="float32", always_2d=True)
-        mono = audio.mean(axis=1)
-        started = time.perf_counter()
-        resample(mono, rate)
-        total += time.perf_counter() - started
-    return total
-
-
-def tone_quality(resampler: Callable[[np.ndarray, int], np.ndarray], rate: int = 44_100) -> dict[str, float]:
+def tone_quality(resampler: Resampler, rate: int = 44_100) -> dict[str, float]:
     """Passband: the worst amplitude error (dB) of tones at 1, 4 and 7 kHz. Alias: the level (dB re the tone) at
     which a 9 kHz tone, above the 8 kHz Nyquist frequency, comes back at its alias (7 kHz)."""
     t = np.arange(rate * 2) / rate
@@ -149,19 +146,14 @@ def main() -> None:
     )
 
     print("resamplers on the same decoded audio (decoding not counted):")
-    ours = torchaudio_resample_seconds(paths)
-    print(f"  torchaudio (ours)  {seconds / ours:7.0f}x realtime  {quality_line(tone_quality(resample))}")
-    other = soxr_seconds(paths)
-    if other is None:
+    resamplers = {"torchaudio (ours)": resample} | ({"soxr HQ": other} if (other := soxr_hq()) else {})
+    spent = resample_seconds(paths, resamplers)
+    for name, resampler in resamplers.items():
+        speed = spent["torchaudio (ours)"] / spent[name]
+        quality = quality_line(tone_quality(resampler))
+        print(f"  {name:<18} {seconds / spent[name]:7.0f}x realtime  {quality}  ({speed:.1f}x ours' speed)")
+    if len(resamplers) == 1:
         print("  soxr               not installed (pip install soxr to compare)")
-    else:
-        import soxr
-
-        def soxr_hq(audio: np.ndarray, rate: int) -> np.ndarray:
-            return soxr.resample(audio, rate, SAMPLE_RATE, quality="HQ")
-
-        quality = quality_line(tone_quality(soxr_hq))
-        print(f"  soxr HQ            {seconds / other:7.0f}x realtime  {quality}  ({ours / other:.1f}x ours' speed)")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ PROBE_REPORT = Path(PROBES) / "report.md"  # and report.png beside it
 PROBE_JOBS = Path(PROBES) / JOBS
 NIGHTLY_LOCK = Path(PROBES) / "nightly.lock"
 COMPLETE = "COMPLETE"  # written last, fsynced: a checkpoint folder without it does not exist
-STEP_DIR = re.compile(r"step_(\d{9})")
+_STEP_DIR = re.compile(r"step_(\d{9})")
 
 
 def tag(step: int) -> str:
@@ -45,7 +45,7 @@ def tag(step: int) -> str:
 
 def step_of(folder: Path) -> int | None:
     """The step of a checkpoints/step_N or exports/step_N folder; None for any other name."""
-    match = STEP_DIR.fullmatch(Path(folder).name)
+    match = _STEP_DIR.fullmatch(Path(folder).name)
     return int(match.group(1)) if match else None
 
 

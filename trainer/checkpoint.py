@@ -1,6 +1,6 @@
 """Checkpoints: DeepSpeed's shards + the teacher + each rank's data and RNG position, then COMPLETE, written last.
 
-    checkpoints/step_000012000/   DeepSpeed files, teacher.safetensors, rank_00000.pt ..., COMPLETE
+    checkpoints/step_000012000/   DeepSpeed files, teacher.safetensors, rank_00000.pt ..., config.yaml, COMPLETE
     exports/step_000012000/       config.json + model.safetensors, loadable by transformers' Data2VecAudioModel
 
 A checkpoint without COMPLETE does not exist: resume, export and probes only ever see complete ones, found by
@@ -28,7 +28,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from data.jsonlines import fsync_folder
-from trainer.layout import CHECKPOINTS, COMPLETE, EXPORTS, complete_checkpoints, step_of
+from trainer.config import ExperimentConfig, load_config, save_config
+from trainer.layout import CHECKPOINTS, COMPLETE, CONFIG, EXPORTS, complete_checkpoints, step_of
 
 
 class CheckpointError(ValueError):
@@ -90,9 +91,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify(folder: Path, *, config_digest: str | None, world_size: int) -> None:
+def verify(folder: Path, *, config_digest: str | None, world_size: int | None) -> None:
     """Check that `folder` holds what its COMPLETE says, or raise CheckpointError naming the file and the reason.
-    `config_digest`: the config this run resumes with (None: a config change was allowed)."""
+    `config_digest`: the config this run resumes with (None: a config change was allowed); `world_size`: the ranks
+    that will load it (None: any, for a reader that consolidates the shards)."""
     marker = folder / COMPLETE
     try:
         content = json.loads(marker.read_text())
@@ -104,7 +106,7 @@ def verify(folder: Path, *, config_digest: str | None, world_size: int) -> None:
         problems.append(f"it says step {step}, the folder is {folder.name}")
     if config_digest is not None and digest != config_digest:
         problems.append(f"it was written with config digest {digest}, this run's is {config_digest}")
-    if ranks != world_size:
+    if world_size is not None and ranks != world_size:
         problems.append(f"it was written by {ranks} ranks, this run has {world_size}: resume with {ranks}")
     if problems:
         raise CheckpointError(f"{marker}: " + "; ".join(problems))
@@ -120,6 +122,19 @@ def _check_files(folder: Path, expected: dict[str, str]) -> None:
     for name, digest in expected.items():
         if _sha256(folder / name) != digest:
             raise CheckpointError(f"{folder / name}: its content changed since it was written (truncated or altered)")
+
+
+def save_config_copy(folder: Path, cfg: ExperimentConfig) -> None:
+    """The config that wrote the checkpoint, inside it: the checkpoint describes its own model wherever it is copied,
+    and whatever config the run directory holds later."""
+    save_config(cfg, folder / CONFIG)
+
+
+def saved_config(folder: Path) -> ExperimentConfig:
+    path = folder / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; this checkpoint was written before checkpoints carried their config")
+    return load_config(path)
 
 
 def save_teacher(folder: Path, state: dict[str, torch.Tensor]) -> None:

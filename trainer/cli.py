@@ -227,6 +227,17 @@ def _layers(given: list[str] | None) -> tuple[int, ...] | Literal["all"] | None:
     return tuple(int(layer) for layer in given)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from trainer.export import export
+
+    folder = export(Path(args.checkpoint), Path(args.out), weights=args.weights)
+    print(
+        f"exported the {args.weights} of {folder} in fp32 to {args.out};"
+        f" load it with transformers' Data2VecAudioModel.from_pretrained({str(args.out)!r})"
+    )
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     from cluster.status import status_table
 
@@ -248,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_launch(commands)
     _add_probe(commands)
     _add_nightly(commands)
+    _add_export(commands)
     _add_status(commands)
     return parser
 
@@ -393,6 +405,23 @@ def _add_nightly(commands: Any) -> None:
     _add_slurm_resources(nightly, time_help="time limit of one night's job (default: 6:00:00)")
     nightly.add_argument("--wait", action="store_true", help="wait for a SLURM job to finish (local jobs always do)")
     nightly.set_defaults(run=_nightly)
+
+
+def _add_export(commands: Any) -> None:
+    export = commands.add_parser(
+        "export", help="a complete checkpoint's weights in fp32, as a Hugging Face Data2VecAudioModel folder"
+    )
+    export.add_argument(
+        "checkpoint", help="a run's checkpoints/step_N, or a run directory (its newest complete checkpoint)"
+    )
+    export.add_argument("--out", required=True, help="the folder to write; it must not exist yet")
+    export.add_argument(
+        "--weights",
+        choices=("student", "teacher"),
+        default="student",
+        help="the trained student, or the EMA teacher that it regressed on (default: %(default)s)",
+    )
+    export.set_defaults(run=_export)
 
 
 def _add_status(commands: Any) -> None:

@@ -392,6 +392,7 @@ def save_checkpoint(
             if rank == 0:
                 save_hf(encoder, export)
                 checkpoint.save_teacher(folder, engine.model.teacher.state_dict())
+                checkpoint.save_config_copy(folder, cfg)
         checkpoint.make_durable(folder)
         if rank == 0:
             checkpoint.make_durable(export)

@@ -1,4 +1,5 @@
-"""How every job the project queues reaches the scheduler: training (`music2vec launch`) and the nightly probes.
+"""How every job the project queues reaches the scheduler: training (`music2vec launch`), the nightly probes and
+corpus sharding (`music2vec shard --array`).
 
 One place turns a `ClusterConfig` into a submitit executor (SLURM, or local processes), checks that `sbatch` is
 there before anything is claimed or queued, and names the job's log folder.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +85,25 @@ def submit_job(
 ) -> submitit.Job:
     """Queue `job` on SLURM (starting `begin_in_s` from now, if given), or start it as local processes; submitit
     requeues it up to `max_requeues` times after a timeout or preemption (the job's `checkpoint` decides)."""
+    return executor(cluster, folder, max_requeues=max_requeues, begin_in_s=begin_in_s).submit(job)
+
+
+def submit_array(
+    jobs: Sequence[Callable[[], Any]], cluster: ClusterConfig, folder: Path, *, max_requeues: int
+) -> list[submitit.Job]:
+    """Queue `jobs` as one SLURM job array (a local process each with the local executor); requeued as `submit_job`."""
+    pool = executor(cluster, folder, max_requeues=max_requeues)
+    with pool.batch():  # submitit queues the whole list, as one array, when the block ends
+        return [pool.submit(job) for job in jobs]
+
+
+def executor(
+    cluster: ClusterConfig, folder: Path, *, max_requeues: int, begin_in_s: int | None = None
+) -> submitit.Executor:
     if cluster.executor == "slurm":
-        executor: submitit.Executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_requeues)
-        executor.update_parameters(**slurm_parameters(cluster, begin_in_s=begin_in_s))
-    else:
-        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=max_requeues)
-        executor.update_parameters(**local_parameters(cluster))
-    return executor.submit(job)
+        slurm = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_requeues)
+        slurm.update_parameters(**slurm_parameters(cluster, begin_in_s=begin_in_s))
+        return slurm
+    local = submitit.LocalExecutor(folder=folder, max_num_timeout=max_requeues)
+    local.update_parameters(**local_parameters(cluster))
+    return local

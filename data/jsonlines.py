@@ -59,10 +59,16 @@ def read(path: Path) -> list[dict[str, Any]]:
 
 
 def rewrite(path: Path, entries: Iterable[dict[str, Any]]) -> None:
-    """Replace the content of `path` with `entries`: a temporary file, fsynced, renamed over it, the folder fsynced."""
-    temporary = path.with_name(path.name + ".tmp")
+    """Replace the content of `path` with `entries`, atomically (see `write_atomically`)."""
+    write_atomically(path, "".join(json.dumps(entry) + "\n" for entry in entries))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text`: a temporary file, fsynced, renamed over it, the folder fsynced. Readers see the
+    old content or the new, never a mix, also when several processes write the same file at once."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with temporary.open("w") as handle:
-        handle.writelines(json.dumps(entry) + "\n" for entry in entries)
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     temporary.replace(path)

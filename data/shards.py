@@ -47,6 +47,7 @@ SILENCE_PEAK = 1e-4  # -80 dBFS: a file whose loudest sample is below this is si
 MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
 PROGRESS = "progress.jsonl"
+PARTS = "parts"  # a job array's parts, one folder each
 NAMED_IN_FLIGHT = 3  # files named when a decoding process dies: the oldest first, the likeliest culprit
 
 
@@ -235,19 +236,76 @@ class _ShardSink:
         self.samples, self.seconds = 0, 0.0
 
 
+@dataclass(frozen=True)
+class Part:
+    """One of `count` parts of a corpus, written by one task of a job array into its own folder under `parts/`."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"part {self.index} of {self.count}: need 0 <= index < count")
+
+    @property
+    def name(self) -> str:
+        return f"part-{self.index:05d}-of-{self.count:05d}"
+
+    def folder(self, out: Path) -> Path:
+        return out / PARTS / self.name
+
+    def holds(self, name: str) -> bool:
+        """Whether the input called `name` (see `input_names`) is this part's: a stable hash of the name, the same
+        on every machine and in every run, so each input belongs to exactly one part whatever order tasks run in."""
+        return int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) % self.count == self.index  # noqa: S324
+
+
 def write_shards(
-    sources: Sequence[str], out: str | Path, params: ShardParams, *, jobs: int = 1, progress: bool = True
+    sources: Sequence[str],
+    out: str | Path,
+    params: ShardParams,
+    *,
+    jobs: int = 1,
+    progress: bool = True,
+    part: Part | None = None,
 ) -> dict[str, Any]:
-    """Shard `sources` into `out`; returns the manifest. Resumes an interrupted run over the same inputs."""
+    """Shard `sources` into `out`; returns the manifest. Resumes an interrupted run over the same inputs.
+    With `part`, only that part's inputs, into `out/parts/<part>/` (`data.shard_parts.merge_parts` joins them)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     paths = expand_inputs(sources)
+    names = input_names(paths)  # over the whole corpus: a part's keys are those of a single run
+    run_params = run_parameters(paths, params, part)
+    if part is None:
+        if (out / PARTS).exists():
+            raise FileExistsError(f"{out / PARTS}: this folder holds the parts of a job array; use an empty folder")
+    else:
+        mine = [index for index, name in enumerate(names) if part.holds(name)]
+        paths, names, out = [paths[i] for i in mine], [names[i] for i in mine], part.folder(out)
+    return _write(paths, names, out, params, run_params, jobs=jobs, progress=progress)
+
+
+def run_parameters(paths: list[str], params: ShardParams, part: Part | None = None) -> dict[str, Any]:
+    """What identifies a run (and each part of an array run): journals and manifests record it; a resume must match."""
+    run = {**asdict(params), "inputs": len(paths), "inputs_digest": _digest(paths)}
+    return run if part is None else run | {"part": [part.index, part.count]}
+
+
+def _write(
+    paths: list[str],
+    names: list[str],
+    out: Path,
+    params: ShardParams,
+    run_params: dict[str, Any],
+    *,
+    jobs: int,
+    progress: bool,
+) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
     if (out / MANIFEST).is_file():
         raise FileExistsError(f"{out / MANIFEST} exists: this folder already holds a finished shard set")
     journal = _Journal(out)
     done = journal.read()
-    run_params = {**asdict(params), "inputs": len(paths), "inputs_digest": _digest(paths)}
-    _check_same_run(out, done, run_params)
+    check_same_run(out, done, run_params)
     start_file, start_clip = done[-1]["next"] if done else (0, 0)
     rejections = _kept_rejections(out, before=start_file)
     jsonlines.rewrite(out / REJECTED, rejections)
@@ -264,7 +322,6 @@ def write_shards(
         mtime=0.0,  # identical inputs give byte-identical tars
     )
     with writer:
-        names = input_names(paths)
         todo = [(index, paths[index], names[index], params) for index in range(start_file, len(paths))]
         results = processed_in_order(todo, jobs=jobs)
         try:
@@ -331,7 +388,14 @@ def _digest(paths: list[str]) -> str:
     return hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
 
 
-def _check_same_run(out: Path, done: list[dict[str, Any]], run_params: dict[str, Any]) -> None:
+def journal_entries(out: Path) -> list[dict[str, Any]]:
+    """The finished shards an interrupted run into `out` journalled (none for a new or finished folder)."""
+    return _Journal(out).read()
+
+
+def check_same_run(out: Path, done: list[dict[str, Any]], run_params: dict[str, Any]) -> None:
+    """Refuse to continue into `out` what another run started there (other inputs or parameters, or shards of its
+    own); `done`: `out`'s journal."""
     if done and done[-1]["params"] != run_params:
         raise ValueError(
             f"{out / PROGRESS} records an interrupted run with other inputs or parameters ({done[-1]['params']});"
@@ -361,8 +425,6 @@ def _write_manifest(
         "params": run_params,
         "rejected": len(rejections),
     }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(out / MANIFEST)
+    jsonlines.write_atomically(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     (out / PROGRESS).unlink()
     return manifest

@@ -1,4 +1,5 @@
-"""`music2vec launch` on a real SLURM: the project's one-node cluster (cluster/testing/local_slurm.sh), 2 tasks on CPU.
+"""`music2vec launch`, `nightly` and `shard --array` on a real SLURM: the project's one-node cluster
+(cluster/testing/local_slurm.sh), tasks on CPU.
 
 Starts system services: munge, mariadb, slurmdbd, slurmctld and slurmd, on 127.0.0.1 only, installing their Debian
 packages when missing (needs root and apt), unless they are running already; writes /etc/slurm/slurm.conf and
@@ -20,8 +21,12 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TEST_PARAMS
+from test_shard_array import tree
 
 from cluster.attempts import latest_job
+from data.shard_parts import merge_parts
+from data.shards import Part, write_shards
 from probes.nightly import read_results
 from trainer.layout import complete_checkpoints
 from trainer.metrics import read_metrics
@@ -248,3 +253,22 @@ def test_nightly_probes_on_slurm_and_queues_the_next_night(slurm, reference, pro
         assert submitted_at + 3600 - 60 < begins < finished_at + 3600 + 60
     finally:
         subprocess.run(["scancel", following], check=False)
+
+
+def test_a_corpus_is_sharded_by_a_slurm_job_array(slurm, corpus, tmp_path):
+    """Two array tasks, each a part of the corpus on one CPU; the last to finish merges: the same bytes as the two
+    parts written in this process."""
+    out = tmp_path / "shards"
+    command = [MUSIC2VEC, "shard", str(corpus), "--out", str(out), "--clip-seconds=6", "--min-seconds=5.5",
+               "--shard-max-count=4", "--jobs=1", "--executor=slurm", "--array=2", "--time=10",
+               f"--partition={slurm}", "--wait"]  # fmt: skip
+    result = run(command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    array = re.search(r"job array (\d+): 2 of 2 parts", result.stdout).group(1)
+    wait_until(lambda: slurm_states(array) == ["COMPLETED", "COMPLETED"], "sacct to record both tasks' ends", 60)
+    assert (out / "jobs" / f"{array}_0" / f"{array}_0_0_log.out").is_file()
+    reference = tmp_path / "reference"
+    for index in range(2):
+        write_shards([str(corpus)], reference, TEST_PARAMS, progress=False, part=Part(index, 2))
+    merge_parts(reference)
+    assert tree(out) == tree(reference)

@@ -23,24 +23,86 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _shard(args: argparse.Namespace) -> int:
+    from data.shard_parts import merge_parts
     from data.shards import ShardParams, WorkerDiedError, write_shards
 
+    if args.merge:
+        if args.sources or args.out or args.executor:
+            raise ValueError("--merge DIR joins the parts already written in DIR: give no SRC, --out or --executor")
+        _print_shard_set(merge_parts(Path(args.merge)), args.merge)
+        return 0
+    if not args.sources or not args.out:
+        raise ValueError("give the audio to shard (SRC ...) and --out DIR, or --merge DIR")
     params = ShardParams(
         clip_seconds=args.clip_seconds,
         min_seconds=args.min_seconds,
         max_count=args.shard_max_count,
         max_bytes=int(args.shard_max_bytes),
     )
+    if args.executor:
+        return _submit_shards(args, params)
+    if args.array:
+        raise ValueError("--array needs --executor slurm (a SLURM job array) or --executor local")
     try:
         manifest = write_shards(args.sources, args.out, params, jobs=args.jobs)
     except WorkerDiedError as error:
         print(f"music2vec shard: stopped: {error}", file=sys.stderr)
         return 1
+    _print_shard_set(manifest, args.out)
+    return 0
+
+
+def _print_shard_set(manifest: dict[str, Any], out: str) -> None:
     hours = manifest["total_seconds"] / 3600
     print(
-        f"{manifest['total_samples']} clips ({hours:.2f} h) in {len(manifest['shards'])} shards under {args.out};"
-        f" {manifest['rejected']} inputs rejected (see {args.out}/rejected.jsonl)"
+        f"{manifest['total_samples']} clips ({hours:.2f} h) in {len(manifest['shards'])} shards under {out};"
+        f" {manifest['rejected']} inputs rejected (see {out}/rejected.jsonl)"
     )
+
+
+def _submit_shards(args: argparse.Namespace, params: Any) -> int:
+    from cluster.config import ClusterConfig
+    from cluster.shard_job import ShardArray, submit
+    from data.shard_parts import merge_parts
+
+    out = Path(args.out).resolve()
+    cluster = ClusterConfig(
+        executor=args.executor,
+        gpus_per_node=0,
+        tasks_per_node=1,
+        cpus_per_task=args.jobs,
+        time=args.time or "12:00:00",
+        max_requeues=args.max_requeues,
+        **{name: getattr(args, name) or "" for name in ("partition", "account", "qos", "constraint", "mem")},
+        job_name="music2vec-shard",
+    )
+    sources = tuple(str(Path(source).resolve()) if Path(source).exists() else source for source in args.sources)
+    array = ShardArray(sources=sources, out=out, params=params, parts=args.array or 1, cluster=cluster)
+    jobs = submit(array)
+    if not jobs:
+        print(f"every part of {out} is finished already; merged")
+        _print_shard_set(merge_parts(out), str(out))
+        return 0
+    print(
+        f"submitted {args.executor} job array {jobs[0].job_id.split('_')[0]}: {len(jobs)} of {array.parts} parts"
+        f" into {out}; logs in {array.log_folder}",
+        flush=True,
+    )
+    if args.executor == "local" or args.wait:
+        return _wait_for_parts(jobs, out)
+    return 0
+
+
+def _wait_for_parts(jobs: list[Any], out: Path) -> int:
+    """Until every task is done; the merged set, or the tasks that failed (the others' parts are kept)."""
+    from data.shard_parts import merge_parts
+
+    failed = [failure for job in jobs if (failure := _task_failure(job))]
+    if failed:
+        print("\n".join(failed), file=sys.stderr)
+        print("run the same command again to finish the parts that failed", file=sys.stderr)
+        return 1
+    _print_shard_set(merge_parts(out), str(out))  # the last task merged already; this is the same, and says so
     return 0
 
 
@@ -111,6 +173,17 @@ def _wait(job: Any) -> int:
     ended = f"stopped by {summary['stopped_by']}" if summary["stopped_by"] else "done"
     print(f"job {job.job_id} {ended} on {summary['device']}: updates {summary['start_step']} -> {summary['end_step']}")
     return 0
+
+
+def _task_failure(job: Any) -> str | None:
+    """None once `job` has finished well; else what went wrong and where its log is."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    try:
+        job.result()
+    except (FailedJobError, UncompletedJobError) as error:
+        return f"task {job.job_id}: {_last_error_line(str(error))}; log {job.paths.stdout}"
+    return None
 
 
 def _last_error_line(report: str) -> str:
@@ -282,15 +355,34 @@ def _add_shard(commands: Any) -> None:
         "shard",
         help="raw audio (files, folders, globs, list files) -> 16 kHz FLAC clips in WebDataset shards + manifest",
     )
-    shard.add_argument("sources", nargs="+", metavar="SRC", help="audio files, folders, globs, or .txt path lists")
-    shard.add_argument("--out", required=True, help="output folder (resumes an interrupted run into it)")
+    shard.add_argument("sources", nargs="*", metavar="SRC", help="audio files, folders, globs, or .txt path lists")
+    shard.add_argument("--out", help="output folder (resumes an interrupted run into it)")
     shard.add_argument("--clip-seconds", type=float, default=30.0, help="clip length (default: %(default)s)")
     shard.add_argument(
         "--min-seconds", type=float, default=5.0, help="drop a shorter tail or file (default: %(default)s)"
     )
     shard.add_argument("--shard-max-count", type=int, default=1000, help="clips per shard (default: %(default)s)")
     shard.add_argument("--shard-max-bytes", type=float, default=1e9, help="bytes per shard (default: %(default)g)")
-    shard.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="decoding processes (default: all cores)")
+    shard.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="decoding processes (of each array task; default: all cores)",
+    )
+    shard.add_argument(
+        "--executor",
+        choices=("slurm", "local"),
+        help="shard as a job array: SLURM through submitit, or local processes",
+    )
+    shard.add_argument(
+        "--array", type=int, metavar="N", help="with --executor: split the inputs into N parts, a task each"
+    )
+    _add_slurm_resources(
+        shard, time_help="time limit of one task's attempt; a task requeues itself (default: 12:00:00)"
+    )
+    shard.add_argument("--max-requeues", type=int, default=20, help="requeues of a task (default: %(default)s)")
+    shard.add_argument("--wait", action="store_true", help="wait for a SLURM array to finish (local tasks always do)")
+    shard.add_argument("--merge", metavar="DIR", help="join the finished parts in DIR into one manifest, and stop")
     shard.set_defaults(run=_shard)
 
 

@@ -1,0 +1,66 @@
+"""Corpus sharding as a job array: `music2vec shard SRC… --out DIR --executor slurm|local --array N`.
+
+Task i writes part i of the corpus (`data.shard_parts`) with the task's CPUs as decoding processes. A task that
+reaches its time limit or is preempted is requeued and resumes its part from the part's journal. Whichever task
+finds every part finished joins them into one manifest; should none (a task failed and was run again by hand, say),
+`music2vec shard --merge DIR` does. Everything a task would fail on is checked before the array is queued, and
+running the same command again queues only the parts that are not finished.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from cluster.config import ClusterConfig
+from cluster.submit import check_submittable, log_folder, submit_array
+from data.shard_parts import check_array_output, merge_parts, unfinished
+from data.shards import MANIFEST, Part, ShardParams, write_shards
+
+JOBS = "jobs"  # the tasks' logs, one folder per task, inside the output folder
+
+
+@dataclass(frozen=True)
+class ShardArray:
+    sources: tuple[str, ...]  # absolute: a task may start in another directory
+    out: Path  # absolute
+    params: ShardParams
+    parts: int
+    cluster: ClusterConfig  # one task per part; its CPUs are its decoding processes
+
+    @property
+    def log_folder(self) -> Path:
+        return log_folder(self.out / JOBS, self.cluster)
+
+
+class ShardPartJob(submitit.helpers.Checkpointable):
+    """What one array task runs: its part (resuming it, after a requeue), then the merge if every part is done.
+    submitit's `Checkpointable` requeues the same call on a time limit or preemption."""
+
+    def __init__(self, array: ShardArray, part: Part) -> None:
+        self.array = array
+        self.part = part
+
+    def __call__(self) -> dict[str, Any]:
+        array = self.array
+        if not (self.part.folder(array.out) / MANIFEST).is_file():
+            jobs = array.cluster.cpus_per_task
+            write_shards(array.sources, array.out, array.params, jobs=jobs, progress=False, part=self.part)
+        # Every task writes its part's manifest before it looks at the others', so the last one to finish sees all.
+        merged = not unfinished(array.out, array.parts)
+        if merged:
+            merge_parts(array.out)
+        return {"part": self.part.name, "merged": merged}
+
+
+def submit(array: ShardArray) -> list[submitit.Job]:
+    """Queue a task per unfinished part, after checking everything they need; none when every part is finished."""
+    check_submittable(array.cluster, option="--executor")
+    todo = check_array_output(array.sources, array.out, array.params, array.parts)
+    if not todo:
+        return []
+    jobs = [ShardPartJob(array, part) for part in todo]
+    return submit_array(jobs, array.cluster, array.log_folder, max_requeues=array.cluster.max_requeues)

@@ -44,7 +44,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict[str, Any]:
         from trainer.stop import StopFlag
 
-        requeue_signal = signal.Signals["SIG" + submitit.JobEnvironment.USR_SIG.removeprefix("SIG")]
+        requeue_signal = submitit_requeue_signal()
         submitit_requeue = signal.getsignal(requeue_signal)
         stop = StopFlag()
         stop.install()  # first thing: from here on, a signal only asks the loop to checkpoint and stop
@@ -89,6 +89,11 @@ class TrainingJob(submitit.helpers.Checkpointable):
             dist.destroy_process_group()
             submitit_requeue(requeue_signal, None)  # rank 0: resubmit + requeue, then exit; other ranks return
         return asdict(summary) | {"run_dir": str(summary.run_dir)}
+
+
+def submitit_requeue_signal() -> signal.Signals:
+    """The signal whose handler submitit installs to checkpoint and requeue the job (USR2 unless configured)."""
+    return signal.Signals["SIG" + submitit.JobEnvironment.USR_SIG.removeprefix("SIG")]
 
 
 class _AttemptLog:

@@ -9,6 +9,7 @@ running the same command again queues only the parts that are not finished.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,11 @@ from typing import Any
 import submitit
 
 from cluster.config import ClusterConfig
+from cluster.job import submitit_requeue_signal
 from cluster.submit import check_submittable, log_folder, submit_array
 from data.shard_parts import check_array_output, merge_parts, unfinished
-from data.shards import MANIFEST, Part, ShardParams, write_shards
+from data.shards import MANIFEST, Part, ShardingStoppedError, ShardParams, write_shards
+from trainer.stop import StopFlag
 
 JOBS = "jobs"  # the tasks' logs, one folder per task, inside the output folder
 
@@ -38,22 +41,48 @@ class ShardArray:
 
 class ShardPartJob(submitit.helpers.Checkpointable):
     """What one array task runs: its part (resuming it, after a requeue), then the merge if every part is done.
-    submitit's `Checkpointable` requeues the same call on a time limit or preemption."""
+
+    submitit answers the time-limit signal from inside its handler, by raising SystemExit wherever the task happens
+    to be; inside a decoder's C callback that exception is swallowed and the task runs on until SLURM kills it. So
+    the signal only sets a flag here; the writer stops before its next input, and then submitit's handler is called
+    to requeue this same object. SIGTERM (scancel) stops the task without requeueing."""
 
     def __init__(self, array: ShardArray, part: Part) -> None:
         self.array = array
         self.part = part
 
     def __call__(self) -> dict[str, Any]:
-        array = self.array
-        if not (self.part.folder(array.out) / MANIFEST).is_file():
-            jobs = array.cluster.cpus_per_task
-            write_shards(array.sources, array.out, array.params, jobs=jobs, progress=False, part=self.part)
+        requeue_signal = submitit_requeue_signal()
+        submitit_requeue = signal.getsignal(requeue_signal)
+        stop = StopFlag()
+        stop.install()
+        try:
+            self._write_part(stop)
+        except ShardingStoppedError:
+            stop.uninstall()
+            if requeue_signal in stop.signals and callable(submitit_requeue):
+                submitit_requeue(requeue_signal, None)  # resubmits this object, requeues the task and exits
+            raise
+        stop.uninstall()
         # Every task writes its part's manifest before it looks at the others', so the last one to finish sees all.
-        merged = not unfinished(array.out, array.parts)
+        merged = not unfinished(self.array.out, self.array.parts)
         if merged:
-            merge_parts(array.out)
+            merge_parts(self.array.out)
         return {"part": self.part.name, "merged": merged}
+
+    def _write_part(self, stop: StopFlag) -> None:
+        array = self.array
+        if (self.part.folder(array.out) / MANIFEST).is_file():
+            return  # finished by an earlier attempt
+        write_shards(
+            array.sources,
+            array.out,
+            array.params,
+            jobs=array.cluster.cpus_per_task,
+            progress=False,
+            part=self.part,
+            stop=lambda: stop.reason is not None,
+        )
 
 
 def submit(array: ShardArray) -> list[submitit.Job]:

@@ -7,9 +7,10 @@ there before anything is claimed or queued, and names the job's log folder.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,20 @@ def scheduler_lines(cluster: ClusterConfig, folder: Path) -> list[str]:
     return [line for line in script.splitlines() if line.startswith("#SBATCH")]
 
 
+class SchedulerRefusedError(RuntimeError):
+    """sbatch did not queue the job (the controller is down, a partition or account does not exist, ...)."""
+
+
+@contextlib.contextmanager
+def scheduler_refusals() -> Iterator[None]:
+    """submitit's error for a refused submission, as one line that says what sbatch said."""
+    try:
+        yield
+    except submitit.core.utils.FailedJobError as error:
+        said = [line for line in str(error).splitlines() if line.strip()]
+        raise SchedulerRefusedError(f"sbatch did not queue the job: {said[-1] if said else error}") from None
+
+
 def submit_job(
     job: Callable[[], Any],
     cluster: ClusterConfig,
@@ -85,7 +100,8 @@ def submit_job(
 ) -> submitit.Job:
     """Queue `job` on SLURM (starting `begin_in_s` from now, if given), or start it as local processes; submitit
     requeues it up to `max_requeues` times after a timeout or preemption (the job's `checkpoint` decides)."""
-    return executor(cluster, folder, max_requeues=max_requeues, begin_in_s=begin_in_s).submit(job)
+    with scheduler_refusals():
+        return executor(cluster, folder, max_requeues=max_requeues, begin_in_s=begin_in_s).submit(job)
 
 
 def submit_array(
@@ -93,7 +109,7 @@ def submit_array(
 ) -> list[submitit.Job]:
     """Queue `jobs` as one SLURM job array (a local process each with the local executor); requeued as `submit_job`."""
     pool = executor(cluster, folder, max_requeues=max_requeues)
-    with pool.batch():  # submitit queues the whole list, as one array, when the block ends
+    with scheduler_refusals(), pool.batch():  # submitit queues the whole list, as one array, when the block ends
         return [pool.submit(job) for job in jobs]
 
 

@@ -28,7 +28,6 @@ import copy
 import json
 import logging
 import math
-import signal
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -46,6 +45,7 @@ from webdataset.tariterators import tar_file_iterator
 from data.audio import SAMPLE_RATE, clip_stats, decode_flac
 from data.config import AUTO_WORKERS, DataConfig
 from data.masking import span_mask
+from data.signals import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +77,10 @@ def shard_urls(shards: str) -> list[str]:
 
 
 def _leave_signals_to_the_trainer(_worker: int) -> None:
-    """A scheduler signals every process of a job (scancel: SIGTERM; the time-limit warning: USR2). The training
-    process answers by checkpointing and then shuts its workers down; a worker that died of the signal first (torch
-    installs a SIGTERM handler that exits) would take the rank down before it could checkpoint."""
-    for number in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
-        signal.signal(number, signal.SIG_IGN)
+    """The training process answers a scheduler's signal by checkpointing and then shuts its workers down; a worker
+    that died of the signal first (torch installs a SIGTERM handler that exits) would take the rank down before it
+    could checkpoint."""
+    ignore_stop_signals()
 
 
 def check_shard_count(shards: int, cfg: DataConfig, world_size: int) -> None:

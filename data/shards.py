@@ -16,7 +16,7 @@ import json
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from data import jsonlines
 from data.audio import SAMPLE_RATE, Decoded, decode_blocks, encode_flac
+from data.signals import ignore_stop_signals
 
 LIST_SUFFIXES = {".txt", ".lst", ".list"}  # a text file naming one audio path per line
 AUDIO_SUFFIXES = {f".{ext.lower()}" for ext in sf.available_formats()} | {
@@ -268,9 +269,12 @@ def write_shards(
     jobs: int = 1,
     progress: bool = True,
     part: Part | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Shard `sources` into `out`; returns the manifest. Resumes an interrupted run over the same inputs.
-    With `part`, only that part's inputs, into `out/parts/<part>/` (`data.shard_parts.merge_parts` joins them)."""
+    With `part`, only that part's inputs, into `out/parts/<part>/` (`data.shard_parts.merge_parts` joins them).
+    `stop` is asked before each input's clips are written: once it says yes, ShardingStoppedError ends the run as a
+    kill would, with every finished shard journalled, and the same call resumes it."""
     out = Path(out)
     paths = expand_inputs(sources)
     names = input_names(paths)  # over the whole corpus: a part's keys are those of a single run
@@ -281,7 +285,7 @@ def write_shards(
     else:
         mine = [index for index, name in enumerate(names) if part.holds(name)]
         paths, names, out = [paths[i] for i in mine], [names[i] for i in mine], part.folder(out)
-    return _write(paths, names, out, params, run_params, jobs=jobs, progress=progress)
+    return _write(paths, names, out, params, run_params, jobs=jobs, progress=progress, stop=stop or (lambda: False))
 
 
 def run_parameters(paths: list[str], params: ShardParams, part: Part | None = None) -> dict[str, Any]:
@@ -299,6 +303,7 @@ def _write(
     *,
     jobs: int,
     progress: bool,
+    stop: Callable[[], bool],
 ) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     if (out / MANIFEST).is_file():
@@ -326,6 +331,7 @@ def _write(
         results = processed_in_order(todo, jobs=jobs)
         try:
             for result in tqdm(results, total=len(todo), desc="shard", unit="file", disable=not progress):
+                _check_stop(stop, out, paths[result.index])
                 if result.rejection:
                     rejection = {"index": result.index, "path": paths[result.index], **result.rejection}
                     rejections.append(rejection)
@@ -353,7 +359,7 @@ def processed_in_order(todo: list[tuple[int, str, str, ShardParams]], *, jobs: i
         yield from map(process_file, todo)
         return
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_one_thread_per_worker) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker) as pool:
         waiting = iter(todo)
         in_flight = deque((pool.submit(process_file, job), job[1]) for job in itertools.islice(waiting, 2 * jobs))
         while in_flight:
@@ -365,6 +371,15 @@ def processed_in_order(todo: list[tuple[int, str, str, ShardParams]], *, jobs: i
             in_flight.popleft()
             in_flight.extend((pool.submit(process_file, job), job[1]) for job in itertools.islice(waiting, 1))
             yield result
+
+
+def _check_stop(stop: Callable[[], bool], out: Path, next_path: str) -> None:
+    if stop():
+        raise ShardingStoppedError(f"{out}: stopped before {next_path}; the same call resumes there")
+
+
+class ShardingStoppedError(RuntimeError):
+    """`write_shards` was asked to stop; what it finished is journalled, and the same call resumes it."""
 
 
 class WorkerDiedError(RuntimeError):
@@ -380,8 +395,9 @@ def _worker_died(in_flight: list[str]) -> str:
     )
 
 
-def _one_thread_per_worker() -> None:
+def _start_worker() -> None:
     torch.set_num_threads(1)  # the pool is the parallelism; torch's own threads would oversubscribe the cores
+    ignore_stop_signals()  # the writer decides when to stop; a worker killed by a job's signal would break the pool
 
 
 def _digest(paths: list[str]) -> str:

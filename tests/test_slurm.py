@@ -21,8 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TEST_PARAMS
+import soundfile as sf
+from conftest import TEST_PARAMS, tone
 from test_shard_array import tree
+from test_shards import blocked_run
 
 from cluster.attempts import latest_job
 from data.shard_parts import merge_parts
@@ -272,3 +274,49 @@ def test_a_corpus_is_sharded_by_a_slurm_job_array(slurm, corpus, tmp_path):
         write_shards([str(corpus)], reference, TEST_PARAMS, progress=False, part=Part(index, 2))
     merge_parts(reference)
     assert tree(out) == tree(reference)
+
+
+def test_a_requeued_shard_task_resumes_its_part(slurm, corpus, tmp_path):
+    """The time-limit signal reaches a task after some shards of its part, before or while it waits on a FIFO among
+    its inputs: it stops before its next input and is requeued, and (the input made real meanwhile) finishes its
+    part from its journal; the merged set is the bytes of a run never interrupted."""
+    blocker, reference, out, command = blocked_run(corpus, tmp_path)
+    part = next(Part(index, 2) for index in range(2) if Part(index, 2).holds(blocker.name))
+    reference, listing = tmp_path / "reference-parts", command[2]
+    blocker.unlink()
+    sf.write(blocker, tone(13.0, 16_000, seed=99), 16_000)  # as blocked_run wrote it for its reference
+    for index in range(2):
+        write_shards([listing], reference, TEST_PARAMS, progress=False, part=Part(index, 2))
+    merge_parts(reference)
+    reference_input = Path(shutil.copy(blocker, tmp_path / "blocker.wav"))
+    blocker.unlink()
+    os.mkfifo(blocker)
+    flags = ["--executor=slurm", "--array=2", "--jobs=1", "--time=10", f"--partition={slurm}", "--wait"]
+    process = subprocess.Popen([*command[:-2], *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    journal = part.folder(out) / "progress.jsonl"
+    wait_until(lambda: journal.is_file() and journal.read_text().count("\n") >= 1, "the shards before the FIFO")
+    array = re.search(r"job array (\d+)", process.stdout.readline()).group(1)
+    subprocess.run(["scancel", "--signal=USR2", f"{array}_{part.index}"], check=True)
+    time.sleep(2)
+    feed(blocker, reference_input.read_bytes())  # the task is asked to stop; one that waits at the FIFO goes on
+    wait_until(lambda: "REQUEUED" in slurm_states(f"{array}_{part.index}"), "the task to be requeued", 60)
+    blocker.unlink()
+    sf.write(blocker, tone(13.0, 16_000, seed=99), 16_000)
+    _, errors = process.communicate(timeout=300)
+    assert process.returncode == 0, errors[-3000:]
+    assert tree(out) == tree(reference)
+
+
+def feed(fifo: Path, data: bytes) -> None:
+    """Write `data` to whoever has `fifo` open for reading; nothing when nobody has (the reader stopped earlier)."""
+    try:
+        descriptor = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:  # ENXIO: no reader
+        return
+    os.set_blocking(descriptor, True)
+    try:
+        os.write(descriptor, data)
+    except BrokenPipeError:
+        pass  # the reader gave up on a stream it cannot seek in; the input is read again after the requeue
+    finally:
+        os.close(descriptor)

@@ -83,9 +83,10 @@ def _submit_shards(args: argparse.Namespace, params: Any) -> int:
         print(f"every part of {out} is finished already; merged")
         _print_shard_set(merge_parts(out), str(out))
         return 0
+    array_id = jobs[0].job_id.split("_")[0]  # SLURM names a task <array id>_<task>; a local one has a pid
     print(
-        f"submitted {args.executor} job array {jobs[0].job_id.split('_')[0]}: {len(jobs)} of {array.parts} parts"
-        f" into {out}; logs in {array.log_folder}",
+        f"submitted {args.executor} job array {array_id}: {len(jobs)} of {array.parts} parts into {out};"
+        f" logs in {jobs[0].paths.folder.parent}",
         flush=True,
     )
     if args.executor == "local" or args.wait:
@@ -531,6 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from cluster.environment import GPUUnavailableError
+    from cluster.submit import SchedulerRefusedError
 
     try:
         return args.run(args)
@@ -538,6 +540,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Bad input or a node that cannot do what was asked: the message names the file, key, value or driver; a
         # traceback would only bury it.
         parser.exit(2, f"music2vec {args.command}: error: {error}\n")
+    except SchedulerRefusedError as error:
+        parser.exit(1, f"music2vec {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 from types import FrameType
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+from data.signals import STOP_SIGNALS
 
 
 class StopFlag:

@@ -2,7 +2,9 @@
 and one training rank in this process."""
 
 import os
+import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +97,40 @@ def one_rank():
     os.environ.update(saved_environment)
     for number, handler in saved_handlers.items():
         signal.signal(number, handler)
+
+
+LOCAL_SLURM = Path(__file__).resolve().parents[1] / "cluster" / "testing" / "local_slurm.sh"
+
+
+@pytest.fixture(scope="session")
+def slurm() -> str:
+    """The local cluster's default partition (its one node on this machine); the cluster is started for these tests
+    (and stopped after them) unless it was already running."""
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster needs root: it installs packages and runs munged, slurmctld and slurmd")
+    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
+        pytest.skip("SLURM is not installed and there is no apt-get to install it")
+    running = subprocess.run(["bash", str(LOCAL_SLURM), "status"], capture_output=True, check=False).returncode == 0
+    if not running:
+        started = subprocess.run(["bash", str(LOCAL_SLURM), "start"], capture_output=True, text=True, check=False)
+        assert started.returncode == 0, f"local_slurm.sh start failed:\n{started.stderr[-3000:]}"
+    yield next(partition.rstrip("*") for partition in partitions() if partition.endswith("*"))
+    if not running:
+        subprocess.run(["bash", str(LOCAL_SLURM), "stop"], capture_output=True, check=True)
+
+
+@pytest.fixture(scope="session")
+def twohosts(slurm) -> str:  # noqa: ARG001 - the cluster it starts
+    """The local cluster's partition of two hosts, m2v-node1 and m2v-node2, each in network and UTS namespaces of its
+    own; the tests using it are skipped, with the reason, where namespaces cannot be made."""
+    if "twohosts" not in partitions():
+        status = subprocess.run(["bash", str(LOCAL_SLURM), "status"], capture_output=True, text=True, check=False)
+        said = [line for line in status.stdout.splitlines() if line.startswith("twohosts unavailable")]
+        pytest.skip(f"no two-host SLURM: {said[0] if said else 'the running cluster has no twohosts partition'}")
+    return "twohosts"
+
+
+def partitions() -> list[str]:
+    """The local cluster's partitions, the default one marked with *."""
+    listed = subprocess.run(["sinfo", "--noheader", "-o", "%P"], capture_output=True, text=True, check=True)
+    return listed.stdout.split()

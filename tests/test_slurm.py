@@ -36,27 +36,8 @@ from trainer.metrics import read_metrics
 pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "cluster" / "testing" / "local_slurm.sh"
 MUSIC2VEC = str(Path(sys.executable).parent / "music2vec")
 UPDATES = 40
-
-
-@pytest.fixture(scope="session")
-def slurm() -> str:
-    """The local cluster's partition; the cluster is started for these tests (and stopped after them) unless it
-    was already running."""
-    if os.geteuid() != 0:
-        pytest.skip("the local SLURM cluster needs root: it installs packages and runs munged, slurmctld and slurmd")
-    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
-        pytest.skip("SLURM is not installed and there is no apt-get to install it")
-    running = subprocess.run(["bash", str(SCRIPT), "status"], capture_output=True, check=False).returncode == 0
-    if not running:
-        started = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, check=False)
-        assert started.returncode == 0, f"local_slurm.sh start failed:\n{started.stderr[-3000:]}"
-    partitions = subprocess.run(["sinfo", "--noheader", "-o", "%P"], capture_output=True, text=True, check=True)
-    yield partitions.stdout.split()[0].rstrip("*")
-    if not running:
-        subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, check=True)
 
 
 def launch_command(shards: Path, run_dir: Path, *extra: str) -> list[str]:

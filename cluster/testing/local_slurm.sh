@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
-# A real one-node SLURM cluster on this machine, for the tests and for trying `music2vec launch` without a cluster.
+# A real SLURM cluster on this machine, for the tests and for trying `music2vec launch` without a cluster: one node
+# on loopback, and two more hosts, each in network and UTS namespaces of its own, for multi-node jobs.
 #
-#   local_slurm.sh start    install slurm + munge + slurmdbd + mariadb (Debian packages) when missing, write a
-#                           loopback-only configuration, start the daemons in the background, wait for an idle node
-#   local_slurm.sh stop     cancel the jobs, then stop exactly the daemons that `start` recorded
+#   local_slurm.sh start    install slurm + munge + slurmdbd + mariadb (Debian packages) when missing, write the
+#                           configuration, start the daemons in the background, wait for every node to be idle
+#   local_slurm.sh stop     cancel the jobs, stop exactly the daemons that `start` recorded, remove the namespaces
 #   local_slurm.sh status   exit 0 when every recorded daemon is alive (and print sinfo)
+#
+# Partitions: `debug` (default) is this machine's own node, reached on 127.0.0.1. `twohosts` is m2v-node1 and
+# m2v-node2: a slurmd each, in a network namespace (its own address, $NET.11 and .12, on a veth pair whose host end
+# is on the bridge m2v-br0, $NET.1) and a UTS namespace (its own hostname); the jobs they start live there too. They
+# share the filesystem and munge with the host. No route leads off the bridge: the namespaces have no default route,
+# and nothing forwards their packets. Where namespaces cannot be made (no CAP_NET_ADMIN, no `ip`), `start` goes on
+# without them and writes why to $DIR/twohosts.unavailable.
 #
 # Needs root and apt (Debian 12: slurm 22.05). No systemd and no cgroups: each daemon runs in the foreground under
 # setsid, and its PID and executable are recorded so that `stop` never signals a process it did not start.
@@ -12,8 +20,10 @@
 # the state of a job that ended outside Python (cancelled, killed, requeued).
 #
 # Environment: LOCAL_SLURM_DIR (state, logs, sockets; default /tmp/music2vec-slurm), LOCAL_SLURM_PARTITION
-# (default debug), LOCAL_SLURM_CPUS (CPUs the node advertises; more than the machine has oversubscribes it),
-# LOCAL_SLURM_WAIT_S (default 90). Ports on 127.0.0.1: 6817 slurmctld, 6818 slurmd, 6819 slurmdbd, 3307 mariadb.
+# (default debug), LOCAL_SLURM_CPUS (CPUs each node advertises; more than the machine has oversubscribes it),
+# LOCAL_SLURM_WAIT_S (default 90), LOCAL_SLURM_NET (the bridge's /24, default 10.213.79). Ports: 6817 slurmctld
+# (on all the host's addresses), 6818 slurmd (each in its namespace), 6819 slurmdbd and 3307 mariadb on 127.0.0.1.
+# Adds the two hosts' names to /etc/hosts (removed by `stop`), as a cluster's DNS would.
 # Writes /etc/slurm/slurm.conf and slurmdbd.conf (the default paths, so sbatch, sacct and submitit need no
 # SLURM_CONF); a slurm.conf this script did not write is kept as slurm.conf.before-local-slurm.
 set -euo pipefail
@@ -31,6 +41,11 @@ LOG=$DIR/log
 MUNGE_SOCKET=$DIR/munge/socket
 DB_SOCKET=$DIR/db/mariadb.sock
 DAEMONS="munged mariadbd slurmdbd slurmctld slurmd"  # start order; stop goes in reverse
+NET=${LOCAL_SLURM_NET:-10.213.79}
+BRIDGE=m2v-br0
+HOSTS="m2v-node1 m2v-node2"
+HOSTS_STAMP="# music2vec local_slurm.sh twohosts"
+UNAVAILABLE=$DIR/twohosts.unavailable
 
 log() { printf '[local_slurm %s] %s\n' "$(date +%T)" "$*" >&2; }
 fail() { log "error: $*"; exit 1; }
@@ -45,7 +60,7 @@ alive() { local entry; entry=$(lookup "$1"); [ -n "$entry" ] && ours $entry; }
 spawn() {  # name user command... : run a foreground daemon in its own session and record its PID
     local name=$1 user=$2 exe pid
     shift 2
-    exe=$(readlink -f "$1")
+    exe=${SPAWN_EXE:-$(readlink -f "$1")}  # what the command finally execs into, when it is a wrapper
     if [ "$user" = root ]; then
         setsid "$@" >>"$LOG/$name.out" 2>&1 </dev/null &
     else  # setpriv execs, so $! is the daemon itself
@@ -104,6 +119,62 @@ install_packages() {
     [ $status -eq 0 ] || { tail -n 30 "$DIR/apt.log" >&2; fail "apt-get failed; see $DIR/apt.log"; }
 }
 
+# ------------------------------------------------------------------------------------------------ two hosts
+host_index() { echo "${1#m2v-node}"; }  # m2v-node2 -> 2
+
+make_network() {  # the bridge, and per host a namespace with its end of a veth pair; fails on the first error
+    ip link add $BRIDGE type bridge &&
+        ip addr add "$NET.1/24" dev $BRIDGE &&
+        ip link set $BRIDGE up || return 1
+    local host index
+    for host in $HOSTS; do
+        index=$(host_index "$host")
+        ip netns add "$host" &&
+            ip link add "m2v-veth$index" type veth peer name eth0 netns "$host" &&
+            ip link set "m2v-veth$index" master $BRIDGE up &&
+            ip -n "$host" addr add "$NET.1$index/24" dev eth0 &&
+            ip -n "$host" link set eth0 up &&
+            ip -n "$host" link set lo up || return 1
+        printf '%s %s %s\n' "$NET.1$index" "$host" "$HOSTS_STAMP" >>/etc/hosts
+    done
+}
+
+setup_network() {  # 0 with the two hosts' network up; else 1, and why in $UNAVAILABLE
+    local error
+    rm -f "$UNAVAILABLE"
+    remove_network
+    if ! command -v ip >/dev/null; then
+        echo "the ip command (iproute2) is not installed" >"$UNAVAILABLE"
+    elif ! error=$(make_network 2>&1); then
+        echo "network namespaces could not be made: ${error:-unknown error}" >"$UNAVAILABLE"
+        remove_network
+    else
+        return 0
+    fi
+    log "two hosts unavailable: $(cat "$UNAVAILABLE")"
+    return 1
+}
+
+remove_network() {  # the namespaces (killing what still runs in them: only the jobs of our nodes), bridge, names
+    local host pids
+    command -v ip >/dev/null || return 0
+    for host in $HOSTS; do
+        if ip netns list 2>/dev/null | grep -qw "^$host"; then
+            pids=$(ip netns pids "$host" 2>/dev/null || true)
+            [ -n "$pids" ] && kill -KILL $pids 2>/dev/null || true
+            ip netns del "$host" 2>/dev/null || true
+        fi
+    done
+    ip link del $BRIDGE 2>/dev/null || true
+    if grep -qF "$HOSTS_STAMP" /etc/hosts 2>/dev/null; then  # in place: /etc/hosts may be a bind mount
+        local kept
+        kept=$(grep -vF "$HOSTS_STAMP" /etc/hosts)
+        printf '%s\n' "$kept" >/etc/hosts
+    fi
+}
+
+twohosts() { [ -e "$DIR/twohosts.up" ]; }
+
 # ------------------------------------------------------------------------------------------------ configuration
 write_configs() {
     getent hosts "$NODE" >/dev/null || echo "127.0.0.1 $NODE" >>/etc/hosts  # MASTER_ADDR is the node name
@@ -121,12 +192,22 @@ write_configs() {
         cp -p $CONF $CONF.before-local-slurm
     fi
     mkdir -p /etc/slurm
+    # The two hosts reach the controller on the bridge; so does everything on this machine then (a local address).
+    local controller=127.0.0.1 extra_nodes="" host
+    if twohosts; then
+        controller=$NET.1
+        for host in $HOSTS; do
+            extra_nodes+="NodeName=$host NodeAddr=$NET.1$(host_index "$host") NodeHostname=$host CPUs=$cpus"
+            extra_nodes+=" RealMemory=$(((memory - 256) / 2)) State=UNKNOWN"$'\n'
+        done
+        extra_nodes+="PartitionName=twohosts Nodes=m2v-node[1-2] MaxTime=INFINITE MaxNodes=2 State=UP"
+    fi
     # Job ids must not repeat across restarts: submitit keeps a job's files under jobs/<id>, and a reused id would
     # hand a new job the old one's result. The epoch makes each start's ids fresh.
     cat >$CONF.new <<CONF
 $STAMP
 ClusterName=$CLUSTER
-SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldHost=$NODE($controller)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -134,11 +215,11 @@ CredType=cred/munge
 # cred_expire is also how long a requeued job waits before it may start again (120 s by default)
 AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
 StateSaveLocation=$DIR/state/ctld
-SlurmdSpoolDir=$DIR/state/slurmd
+SlurmdSpoolDir=$DIR/state/slurmd-%n
 SlurmctldPidFile=$DIR/state/slurmctld.pid
-SlurmdPidFile=$DIR/state/slurmd.pid
+SlurmdPidFile=$DIR/state/slurmd-%n.pid
 SlurmctldLogFile=$LOG/slurmctld.log
-SlurmdLogFile=$LOG/slurmd.log
+SlurmdLogFile=$LOG/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
@@ -162,6 +243,7 @@ ReturnToService=2
 JobRequeue=1
 NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$NODE CPUs=$cpus RealMemory=$((memory - 256)) State=UNKNOWN
 PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE MaxNodes=1 State=UP
+$extra_nodes
 CONF
     mv $CONF.new $CONF
     cat >$DBD_CONF <<CONF
@@ -186,7 +268,7 @@ CONF
 
 # ------------------------------------------------------------------------------------------------ daemons
 start_daemons() {
-    mkdir -p "$DIR/munge" "$DIR/db" "$DIR/state/ctld" "$DIR/state/slurmd"
+    mkdir -p "$DIR/munge" "$DIR/db" "$DIR/state/ctld" "$DIR/state/slurmd-$NODE"
     chown munge:munge "$DIR/munge"
     chown mysql:mysql "$DIR/db"
     spawn munged munge /usr/sbin/munged -F --socket="$MUNGE_SOCKET" --key-file=/etc/munge/munge.key \
@@ -212,21 +294,38 @@ start_daemons() {
     await "slurmctld" slurmctld bash -c "scontrol ping | grep -q UP"
     spawn slurmd root /usr/sbin/slurmd -D -N "$NODE"
     await "node $NODE idle" slurmd bash -c "sinfo -h -N -n '$NODE' -o %T | grep -qx idle"
+    twohosts || return 0
+    local host
+    # In the host's network namespace, with its own hostname; nsenter, unshare and sh each exec the next, so the
+    # recorded PID is slurmd's. Not `ip netns exec`: it mounts a sysfs of its own, which hides /sys/fs/cgroup.
+    for host in $HOSTS; do
+        mkdir -p "$DIR/state/slurmd-$host"
+        SPAWN_EXE=/usr/sbin/slurmd spawn "slurmd-$host" root nsenter --net="/run/netns/$host" unshare --uts -- \
+            /bin/sh -c 'hostname "$0" && exec /usr/sbin/slurmd -D -N "$0"' "$host"
+    done
+    for host in $HOSTS; do
+        await "node $host idle" "slurmd-$host" bash -c "sinfo -h -N -n '$host' -o %T | grep -qx idle"
+    done
 }
+
+recorded() { [ -f "$PIDS" ] && awk '{print $1}' "$PIDS" || true; }  # the daemons started, in start order
 
 start() {
     mkdir -p "$DIR"
     local daemon running=0 stopped=0
     for daemon in $DAEMONS; do if alive $daemon; then running=1; else stopped=1; fi; done
+    for daemon in $(recorded); do alive "$daemon" || stopped=1; done
     if [ $stopped -eq 0 ]; then log "already running"; return 0; fi
     [ $running -eq 1 ] && { log "some daemons died: restarting all"; stop; }
     install_packages
+    rm -f "$DIR/twohosts.up"
+    setup_network && touch "$DIR/twohosts.up"
     write_configs
     rm -rf "$DIR/state" "$DIR/munge" "$DIR/db" "$LOG.previous"  # fresh state; the last logs stay in log.previous
     [ -d "$LOG" ] && mv "$LOG" "$LOG.previous"
     mkdir -p "$LOG" && : >"$PIDS"
     start_daemons
-    log "ready: partition $PARTITION on $NODE ($(sinfo -h -o %c) CPUs)"
+    log "ready: $(sinfo -h -o '%P on %N (%c CPUs each)' | paste -sd ';' | sed 's/;/; /g')"
 }
 
 stop() {
@@ -235,16 +334,19 @@ stop() {
         for _ in $(seq 30); do [ -z "$(squeue -h -o %A 2>/dev/null)" ] && break; sleep 0.5; done
     fi
     local daemon
-    for daemon in $(tr ' ' '\n' <<<"$DAEMONS" | tac); do halt "$daemon"; done
+    for daemon in $(recorded | tac); do halt "$daemon"; done
     rm -f "$PIDS"
+    remove_network
+    rm -f "$DIR/twohosts.up"
 }
 
 status() {
     local daemon healthy=0
     [ -s "$PIDS" ] || { echo "not started"; return 1; }
-    for daemon in $DAEMONS; do
-        if alive $daemon; then echo "$daemon running"; else echo "$daemon NOT running"; healthy=1; fi
+    for daemon in $(recorded); do
+        if alive "$daemon"; then echo "$daemon running"; else echo "$daemon NOT running"; healthy=1; fi
     done
+    [ -f "$UNAVAILABLE" ] && echo "twohosts unavailable: $(cat "$UNAVAILABLE")"
     [ $healthy -eq 0 ] && sinfo
     return $healthy
 }

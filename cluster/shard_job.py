@@ -9,7 +9,9 @@ running the same command again queues only the parts that are not finished.
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ import submitit
 from cluster.config import ClusterConfig
 from cluster.job import submitit_requeue_signal
 from cluster.submit import check_submittable, log_folder, submit_array
-from data.shard_parts import check_array_output, merge_parts, unfinished
+from data.shard_parts import check_array_output, merge_parts, unfinished, writing
 from data.shards import MANIFEST, Part, ShardingStoppedError, ShardParams, write_shards
 from trainer.stop import StopFlag
 
@@ -71,18 +73,20 @@ class ShardPartJob(submitit.helpers.Checkpointable):
         return {"part": self.part.name, "merged": merged}
 
     def _write_part(self, stop: StopFlag) -> None:
-        array = self.array
-        if (self.part.folder(array.out) / MANIFEST).is_file():
+        array, folder = self.array, self.part.folder(self.array.out)
+        if (folder / MANIFEST).is_file():
             return  # finished by an earlier attempt
-        write_shards(
-            array.sources,
-            array.out,
-            array.params,
-            jobs=array.cluster.cpus_per_task,
-            progress=False,
-            part=self.part,
-            stop=lambda: stop.reason is not None,
-        )
+        job = submitit.JobEnvironment()
+        with writing(folder, f"job {job.job_id} on {socket.gethostname()} (pid {os.getpid()})"):
+            write_shards(
+                array.sources,
+                array.out,
+                array.params,
+                jobs=array.cluster.cpus_per_task,
+                progress=False,
+                part=self.part,
+                stop=lambda: stop.reason is not None,
+            )
 
 
 def submit(array: ShardArray) -> list[submitit.Job]:

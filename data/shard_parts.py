@@ -14,10 +14,12 @@ byte-identical output.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from data.shards import (
     run_parameters,
 )
 
+LOCK = ".writing"  # in each part's folder
 _PART_FOLDER = re.compile(r"part-(\d{5})-of-(\d{5})")
 
 
@@ -73,9 +76,36 @@ def check_array_output(sources: Sequence[str], out: Path, params: ShardParams, c
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK | os.X_OK):
         raise ValueError(f"{out}: not writable by this user; choose another --out")
-    for part in unfinished(out, count):
+    todo = unfinished(out, count)
+    for part in todo:
         check_same_run(part.folder(out), journal_entries(part.folder(out)), run_parameters(paths, params, part))
-    return unfinished(out, count)
+        with writing(part.folder(out), "the check before queueing"):
+            pass  # nobody writes it now: an array queued earlier would otherwise write it twice at once
+    return todo
+
+
+@contextmanager
+def writing(folder: Path, holder: str) -> Iterator[None]:
+    """Hold `folder`'s lock (flock: on NFS, Linux turns it into a lock that every host sees) while writing a part;
+    a second writer is refused with the first one's name. The system drops the lock when its holder dies; the file
+    goes when its holder is done, so a finished part holds exactly what a single run writes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / LOCK).open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            raise FileExistsError(
+                f"{folder}: being written by {handle.read().strip() or 'another process'}; wait for it to end, or"
+                " cancel it, then run the same command again"
+            ) from None
+        handle.truncate(0)
+        handle.write(holder)
+        handle.flush()
+        try:
+            yield
+        finally:
+            (folder / LOCK).unlink()
 
 
 def merge_parts(out: Path) -> dict[str, Any]:

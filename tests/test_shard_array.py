@@ -14,7 +14,7 @@ from conftest import TEST_PARAMS, write_corpus
 from test_shards import members
 
 from data.loader import shard_urls
-from data.shard_parts import check_array_output, merge_parts
+from data.shard_parts import check_array_output, merge_parts, writing
 from data.shards import Part, expand_inputs, input_names, write_shards
 
 MUSIC2VEC = str(Path(sys.executable).parent / "music2vec")
@@ -133,3 +133,14 @@ def test_a_local_job_array_queues_only_unfinished_parts_and_merges(corpus, split
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert again.returncode == 2
     assert "already holds a finished shard set" in again.stderr
+
+
+def test_a_part_being_written_is_not_queued_or_written_again(corpus, tmp_path):
+    """The same command run again while the first array still runs: the part a task holds is refused by name."""
+    folder = Part(0, PARTS).folder(tmp_path)
+    with writing(folder, "job 123_0 on m2v-node1 (pid 42)"):
+        with pytest.raises(FileExistsError, match=re.escape(f"{folder}: being written by job 123_0 on m2v-node1")):
+            check_array_output([str(corpus)], tmp_path, TEST_PARAMS, PARTS)
+        with pytest.raises(FileExistsError, match="being written by job 123_0"), writing(folder, "a second task"):
+            pass
+    assert [part.index for part in check_array_output([str(corpus)], tmp_path, TEST_PARAMS, PARTS)] == [0, 1, 2]

@@ -14,6 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
+ARRAY_TASK_JOBS = 8  # an array task's CPUs unless --jobs says: the login node's core count says nothing of the nodes
+
 
 def _demo(args: argparse.Namespace) -> int:
     from trainer.demo import run_demo
@@ -44,7 +46,7 @@ def _shard(args: argparse.Namespace) -> int:
     if args.array:
         raise ValueError("--array needs --executor slurm (a SLURM job array) or --executor local")
     try:
-        manifest = write_shards(args.sources, args.out, params, jobs=args.jobs)
+        manifest = write_shards(args.sources, args.out, params, jobs=args.jobs or os.cpu_count() or 1)
     except WorkerDiedError as error:
         print(f"music2vec shard: stopped: {error}", file=sys.stderr)
         return 1
@@ -70,13 +72,13 @@ def _submit_shards(args: argparse.Namespace, params: Any) -> int:
         executor=args.executor,
         gpus_per_node=0,
         tasks_per_node=1,
-        cpus_per_task=args.jobs,
+        cpus_per_task=args.jobs or ARRAY_TASK_JOBS,
         time=args.time or "12:00:00",
         max_requeues=args.max_requeues,
         **{name: getattr(args, name) or "" for name in ("partition", "account", "qos", "constraint", "mem")},
         job_name="music2vec-shard",
     )
-    sources = tuple(str(Path(source).resolve()) if Path(source).exists() else source for source in args.sources)
+    sources = tuple(str(Path(source).absolute()) for source in args.sources)  # globs too: a task may start elsewhere
     array = ShardArray(sources=sources, out=out, params=params, parts=args.array or 1, cluster=cluster)
     jobs = submit(array)
     if not jobs:

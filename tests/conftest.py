@@ -68,6 +68,20 @@ def demo_shards(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def two_rank_runs(demo_shards, tmp_path_factory) -> dict[int, Path]:
+    """Run directories of `music2vec train` under torchrun with two ranks, 8 updates, ZeRO-2 and ZeRO-3 (by stage)."""
+    from test_train import command, run, torchrun
+
+    runs = {}
+    for stage in (2, 3):
+        run_dir = tmp_path_factory.mktemp(f"two_ranks_zero{stage}")
+        result = run(torchrun(2, command(demo_shards, run_dir, "optim.max_updates=8", f"train.zero_stage={stage}")))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[stage] = run_dir
+    return runs
+
+
+@pytest.fixture(scope="session")
 def probe_data(tmp_path_factory) -> Path:
     """The demo probe tasks' clips (written once per test session)."""
     from probes.datasets import demo

@@ -5,13 +5,14 @@ Every run must log exactly the per-update losses of the uninterrupted two-host r
 across requeues and lost hosts.
 """
 
+import itertools
 import os
 import signal
 import subprocess
 from pathlib import Path
 
 import pytest
-from test_slurm import in_queue, launch_command, losses, run, slurm_states, wait_until
+from test_slurm import UPDATES, in_queue, launch_command, losses, run, slurm_states, wait_until
 
 from cluster.attempts import latest_job
 from model import Music2Vec
@@ -22,14 +23,11 @@ from trainer.metrics import read_metrics
 pytestmark = pytest.mark.slurm
 
 HOSTS = ("m2v-node1", "m2v-node2")
-UPDATES = 20
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
 def two_host_command(shards: Path, run_dir: Path, partition: str, *extra: str) -> list[str]:
-    shorter = [f"optim.max_updates={UPDATES}", "train.checkpoint_every=5"]  # later overrides win
-    flags = ["--nodes=2", "--tasks-per-node=1", f"--partition={partition}"]
-    return [*launch_command(shards, run_dir), *flags, *extra, *shorter]
+    return [*launch_command(shards, run_dir), "--nodes=2", "--tasks-per-node=1", f"--partition={partition}", *extra]
 
 
 def bridge_bytes(host: str) -> int:
@@ -68,28 +66,37 @@ def test_one_rank_runs_on_each_host_and_they_meet_over_the_bridge(reference):
 def test_a_two_host_job_checkpoints_on_the_time_limit_signal_requeues_and_finishes(
     reference, twohosts, demo_shards, tmp_path
 ):
+    """USR2 is what SLURM sends `signal_delay_s` before the time limit; a second one comes while the first is being
+    handled. Both ranks checkpoint, into one folder from two hosts; the job requeues itself, and the next attempt, on
+    both hosts again, finishes the run."""
     run_dir = tmp_path / "run"
     command = two_host_command(demo_shards, run_dir, twohosts, "--wait")
     launcher = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     wait_until(lambda: len(read_metrics(run_dir)) >= 7, "training to pass update 7")
     job_id = latest_job(run_dir).job_id
-    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    for _ in range(2):  # back to back: a second signal that came after the requeue would hit the next attempt
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     output, _ = launcher.communicate(timeout=600)
     assert launcher.returncode == 0, output
 
-    assert losses(run_dir) == losses(reference[0])
+    assert losses(run_dir) == losses(reference[0])  # every update exactly once, each the same as uninterrupted
     wait_until(lambda: slurm_states(job_id)[-1] != "RUNNING", "the batch script to end")
     states = slurm_states(job_id)
     assert (states[0], states[-1]) == ("REQUEUED", "COMPLETED")
-    first, *_, last = latest_job(run_dir).attempts
+    attempts = latest_job(run_dir).attempts
+    first, last = attempts[0], attempts[-1]
     assert first.reason == "requeue (SIGUSR2)"
-    assert first.end_step in dict(complete_checkpoints(run_dir))
+    assert 7 <= first.end_step < UPDATES
+    assert first.end_step in dict(complete_checkpoints(run_dir))  # the checkpoint written for the requeue
     assert sorted(path.name for path in (run_dir / "checkpoints").glob(f"step_{first.end_step:09d}/rank_*.pt")) == [
         "rank_00000.pt",
         "rank_00001.pt",  # written on the other host, into the same shared folder
     ]
-    assert (last.start_step, last.end_step, last.reason) == (first.end_step, UPDATES, "done")
-    assert last.details["hosts"] == list(HOSTS)
+    assert (last.end_step, last.reason) == (UPDATES, "done")
+    for before, after in itertools.pairwise(attempts):
+        assert after.restart == before.restart + 1
+        assert after.start_step == before.end_step
+        assert after.details["hosts"] == list(HOSTS)
 
 
 def test_a_rank_killed_on_one_host_leaves_a_run_that_resumes(reference, twohosts, demo_shards, tmp_path):

@@ -51,7 +51,8 @@ def part_count(out: Path) -> int | None:
 
 def unfinished(out: Path, count: int) -> list[Part]:
     """The parts of an N-part split of `out` that have no manifest yet."""
-    return [part for part in map(Part, range(count), [count] * count) if not (part.folder(out) / MANIFEST).is_file()]
+    parts = [Part(index, count) for index in range(count)]
+    return [part for part in parts if not (part.folder(out) / MANIFEST).is_file()]
 
 
 def check_array_output(sources: Sequence[str], out: Path, params: ShardParams, count: int) -> list[Part]:

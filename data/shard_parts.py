@@ -80,8 +80,9 @@ def check_array_output(sources: Sequence[str], out: Path, params: ShardParams, c
     todo = unfinished(out, count)
     for part in todo:
         check_same_run(part.folder(out), journal_entries(part.folder(out)), run_parameters(paths, params, part))
-        with writing(part.folder(out), "the check before queueing"):
-            pass  # nobody writes it now: an array queued earlier would otherwise write it twice at once
+        if part.folder(out).is_dir():  # begun: nobody may be writing it now, or it would be written twice at once
+            with writing(part.folder(out), "the check before queueing"):
+                pass
     return todo
 
 

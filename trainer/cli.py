@@ -369,8 +369,7 @@ def _add_shard(commands: Any) -> None:
     shard.add_argument(
         "--jobs",
         type=int,
-        default=os.cpu_count() or 1,
-        help="decoding processes (of each array task; default: all cores)",
+        help=f"decoding processes (default: all cores; in an array, each task's CPUs, default {ARRAY_TASK_JOBS})",
     )
     shard.add_argument(
         "--executor",

@@ -116,3 +116,25 @@ def test_bf16_gradients_accumulate_in_fp32(stage, tmp_path):
     bf16_sums.write_text(json.dumps(default))
     assert accumulated_gradient_error(stage, None) < 1e-6
     assert accumulated_gradient_error(stage, str(bf16_sums)) > 1e-4
+
+
+def test_weights_only_loading_holds_when_nested_and_overrides_the_callers_request(tmp_path):
+    """DeepSpeed's loaders ask for `weights_only=False`; inside the block they get weights-only loading with
+    DeepSpeed's state classes allowed, also after an inner block (torch's own `safe_globals` would drop them)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from test_reliability import PlantedCode
+
+    from trainer.engine import weights_only_loading
+
+    state, planted, evidence = tmp_path / "state.pt", tmp_path / "planted.pt", tmp_path / "the-pickle-ran"
+    torch.save({"loss_scaler": LossScaler(128.0)}, state)
+    torch.save({"optimizer": PlantedCode(evidence)}, planted)
+    with weights_only_loading():
+        with weights_only_loading():
+            pass
+        assert torch.load(state, weights_only=False)["loss_scaler"].cur_scale == 128.0
+        with pytest.raises(Exception, match="Weights only load failed"):
+            torch.load(planted, weights_only=False)
+    assert not evidence.exists()
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(state, weights_only=True)  # outside the block: not allowed by default

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +25,40 @@ from trainer.ds_config import deepspeed_config
 # The classes DeepSpeed pickles into its checkpoint files besides tensors and containers (ZeRO 1-3, fp32/bf16/fp16).
 # Plain data: unpickling one sets its attributes and runs nothing else.
 DEEPSPEED_STATE_CLASSES = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch reads it at every load, whatever the caller asked
+
+
+@contextlib.contextmanager
+def weights_only_loading() -> Iterator[None]:
+    """Every `torch.load` in the block loads only tensors, containers and DEEPSPEED_STATE_CLASSES, also where the
+    caller (DeepSpeed's consolidation, its universal checkpoint) asks for `weights_only=False`: a file planted in a
+    checkpoint must not run code.
+
+    Re-entrant, unlike torch's `safe_globals`, whose exit removes its classes even when an enclosing context had
+    added them: only the outermost block here enters and leaves it."""
+    if _WeightsOnlyNesting.depth:
+        yield
+        return
+    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    _WeightsOnlyNesting.depth += 1
+    try:
+        with torch.serialization.safe_globals(DEEPSPEED_STATE_CLASSES):
+            yield
+    finally:
+        _WeightsOnlyNesting.depth -= 1
+        if previous is None:
+            del os.environ[FORCE_WEIGHTS_ONLY]
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = previous
+
+
+class _WeightsOnlyNesting:
+    """How deeply `weights_only_loading` blocks are nested in this process now."""
+
+    depth = 0
+
 
 OptimizerChoice = Literal["torch_adamw_fused", "torch_adamw", "deepspeed_cpu_adam"]
 
@@ -152,7 +187,7 @@ class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
 
     def load(self, path: str, map_location: object = None) -> object:
         try:
-            with torch.serialization.safe_globals(DEEPSPEED_STATE_CLASSES):
+            with weights_only_loading():
                 return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as error:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError ...
             raise unreadable(path, error) from None

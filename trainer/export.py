@@ -15,27 +15,23 @@ The folder is written beside `out` and renamed into place last, so `out` never h
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-import torch
 from torch import Tensor
 
 from model import Data2VecAudio
 from model.hf import save_hf
 from trainer import checkpoint
 from trainer.checkpoint import CheckpointError, unreadable
-from trainer.engine import DEEPSPEED_STATE_CLASSES
+from trainer.engine import weights_only_loading
 from trainer.layout import COMPLETE, complete_checkpoints, step_of
 
 Weights = Literal["student", "teacher"]
 ENCODER_PREFIX = "encoder."  # the student's encoder inside the pretraining module; the rest is the regression head
 TRANSFORMER_PREFIX = "transformer."  # the part of the encoder the teacher averages
-FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -85,7 +81,8 @@ def export(path: Path, out: Path, *, weights: Weights = "student") -> Path:
 
 
 def consolidated_student(folder: Path) -> dict[str, Tensor]:
-    """The pretraining module's fp32 master weights, whole, from the ZeRO shards of every rank in `folder`."""
+    """The pretraining module's fp32 master weights, whole, from the ZeRO shards of every rank in `folder`.
+    DeepSpeed's consolidation asks torch to unpickle anything; under `weights_only_loading` it loads weights only."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with weights_only_loading():
@@ -93,23 +90,6 @@ def consolidated_student(folder: Path) -> dict[str, Tensor]:
             return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
         except Exception as error:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError ...
             raise unreadable(folder, error) from None
-
-
-@contextmanager
-def weights_only_loading() -> Iterator[None]:
-    """Every `torch.load` in the block loads only tensors, containers and DeepSpeed's plain state classes, whatever
-    its caller asked: DeepSpeed's consolidation asks for `weights_only=False`, and a file planted in a checkpoint
-    must not run code. torch reads this variable at every load."""
-    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
-    os.environ[FORCE_WEIGHTS_ONLY] = "1"
-    try:
-        with torch.serialization.safe_globals(DEEPSPEED_STATE_CLASSES):
-            yield
-    finally:
-        if previous is None:
-            del os.environ[FORCE_WEIGHTS_ONLY]
-        else:
-            os.environ[FORCE_WEIGHTS_ONLY] = previous
 
 
 def encoder_state(module_state: Mapping[str, Tensor]) -> dict[str, Tensor]:

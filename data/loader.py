@@ -19,18 +19,29 @@ across batches, and carries on: the sequence of sample keys is exactly that of a
 seed, world size and workers. DataLoader serves its workers round-robin; the loader rotates which worker plays which
 stream so that the stream due next comes first.
 
+Elastic resume (another world size or number of workers). The old streams' positions say exactly which records of
+their epoch each had taken: replaying each old stream's shuffle on record keys alone (tar headers, no audio) gives
+them. What no old stream had reached yet, as *pieces* (a shard, less the records already taken, with the crops
+already used of a record that was split across batches), is dealt to the new streams, which read those pieces
+through their own shuffle buffers before starting the next epoch in the new layout: every clip of the epoch is used
+once, in another order. Streams can be an epoch apart; each epoch that some old stream had begun is continued this
+way. With `resample` there is no epoch to complete: the new streams start with the next epoch's draws.
+
 Bad data is skipped and counted by reason (see `SKIP_REASONS`); the counts travel with the batches too.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import math
+import re
+import tarfile
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -99,9 +110,10 @@ class Batch:
     audio: torch.Tensor  # (batch, crop_samples) float32, each clip normalised before cropping
     mask: torch.Tensor  # (batch, frames) bool, True where the student sees the mask embedding
     keys: list[str]  # the sample key each crop came from
+    epochs: list[int]  # the epoch each crop belongs to
 
     def pin_memory(self) -> Batch:  # called by DataLoader(pin_memory=True) for custom batch types
-        return Batch(self.audio.pin_memory(), self.mask.pin_memory(), self.keys)
+        return Batch(self.audio.pin_memory(), self.mask.pin_memory(), self.keys, self.epochs)
 
 
 # Counted while reading shards, so counted again when a resumed stream replays its epoch (see StreamPosition.resumed);
@@ -131,6 +143,11 @@ class StreamPosition:
         }
 
     @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> StreamPosition:
+        counts = Counter(state["skipped"]), Counter(state["skipped_at_epoch_start"])
+        return cls(state["epoch"], state["records"], state["crops"], state["batches"], *counts)
+
+    @classmethod
     def resumed(cls, state: dict[str, Any]) -> StreamPosition:
         """The state to continue from: read-level counts go back to the epoch start, since the replay recounts them."""
         skipped = Counter(state["skipped"])
@@ -138,6 +155,39 @@ class StreamPosition:
         for reason in READ_LEVEL_REASONS:
             skipped[reason] = at_start[reason]
         return cls(state["epoch"], state["records"], state["crops"], state["batches"], +skipped, at_start)
+
+
+CROPS_USED = "__crops_used__"  # set on a record whose first crops were used before an elastic resume
+
+
+@dataclass(frozen=True)
+class Piece:
+    """What a stream reads of one shard in one epoch: all of it, or, continuing an epoch after an elastic resume,
+    what the streams before it had not taken."""
+
+    url: str
+    taken: frozenset[str] = frozenset()  # keys of records already used in this epoch
+    crops_used: dict[str, int] = field(default_factory=dict)  # a record split across batches: crops already used
+
+    def records(self, records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """`records` of this piece's shard, less those taken; a split record says which crop to continue from."""
+        for record in records:
+            key = record["__key__"]
+            if key in self.taken:
+                continue
+            if key in self.crops_used:
+                record[CROPS_USED] = self.crops_used[key]
+            yield record
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"url": self.url, "taken": sorted(self.taken), "crops_used": dict(self.crops_used)}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> Piece:
+        return cls(state["url"], frozenset(state["taken"]), dict(state["crops_used"]))
+
+
+Continued = dict[int, list[Piece]]  # epoch -> the pieces a stream reads in it, for epochs continued elastically
 
 
 class _Clip(NamedTuple):
@@ -183,6 +233,7 @@ class RankStreams(IterableDataset):
         self.crop_samples = round(cfg.crop_seconds * SAMPLE_RATE)
         self.rotation = 0  # the stream DataLoader worker 0 plays; set by the loader
         self.resume: dict[int, dict[str, Any]] = {}  # stream -> StreamPosition dict
+        self.continued: dict[int, Continued] = {}  # stream -> the epochs it continues after an elastic resume
 
     def __iter__(self) -> Iterator[_Tagged]:
         info = get_worker_info()
@@ -196,12 +247,14 @@ class RankStreams(IterableDataset):
         """Batches of this rank's `stream`, from position `state` on, forever."""
         audio = np.empty((self.cfg.batch_size, self.crop_samples), dtype=np.float32)
         keys: list[str] = []
+        epochs: list[int] = []
         for crop, position in self._crops(stream, state):
             # Normalising while copying into the batch equals normalising the clip, then cropping: it is affine.
             row = audio[len(keys)]
             np.subtract(crop.samples, crop.mean, out=row)
             row *= crop.scale
             keys.append(crop.key)
+            epochs.append(position[0])
             if len(keys) < self.cfg.batch_size:
                 continue
             state.epoch, state.records, state.crops = position
@@ -214,16 +267,17 @@ class RankStreams(IterableDataset):
                 rng=_seed(self.cfg.seed, self.rank, stream, state.batches),
             )
             state.batches += 1
-            yield _Tagged(Batch(torch.from_numpy(audio), torch.from_numpy(mask), keys), stream, state.to_dict())
+            batch = Batch(torch.from_numpy(audio), torch.from_numpy(mask), keys, epochs)
+            yield _Tagged(batch, stream, state.to_dict())
             audio = np.empty_like(audio)
-            keys = []
+            keys, epochs = [], []
 
     def _crops(self, stream: int, state: StreamPosition) -> Iterator[tuple[_Crop, tuple[int, int, int]]]:
         """(crop, position after it) for every crop from `state`'s position on; epochs follow one another."""
         epoch, skip_records, skip_crops = state.epoch, state.records, state.crops
         empty_epochs = 0
         while True:
-            progressed = False
+            progressed = epoch in self.continued.get(stream, {})  # a continued epoch may hold nothing for this stream
             for index, record in enumerate(self._shuffled_records(stream, epoch, state.skipped), start=1):
                 if index < skip_records or (index == skip_records and skip_crops >= self.cfg.crops_per_clip):
                     progressed = True  # consumed before the resume point: replayed without decoding
@@ -231,7 +285,7 @@ class RankStreams(IterableDataset):
                 clip = self._decode(record, state.skipped)
                 if clip is None:
                     continue
-                first = skip_crops if index == skip_records else 0
+                first = skip_crops if index == skip_records else record.get(CROPS_USED, 0)
                 for number, crop in enumerate(self._random_crops(clip, record["__key__"], epoch)):
                     if number >= first:
                         progressed = True
@@ -261,16 +315,58 @@ class RankStreams(IterableDataset):
         order = _seed(self.cfg.seed, epoch).permutation(len(self.urls))
         return [self.urls[i] for i in order[index::streams]]
 
+    def _epoch_pieces(self, stream: int, epoch: int) -> list[Piece]:
+        """What `stream` reads in `epoch`: its share of the shards, or its part of an epoch continued elastically."""
+        continued = self.continued.get(stream, {})
+        if epoch in continued:
+            return continued[epoch]
+        return [Piece(url) for url in self._stream_shards(stream, epoch)]
+
     def _shuffled_records(self, stream: int, epoch: int, skipped: Counter[str]) -> Iterator[dict[str, Any]]:
-        rng = _seed(self.cfg.seed, epoch, self.rank, stream)
-        buffer: list[dict[str, Any]] = []
-        for url in self._stream_shards(stream, epoch):
-            for record in _read_shard(url, skipped):
-                buffer.append(record)
-                if len(buffer) >= self.cfg.shuffle_buffer:
-                    yield _pop_random(buffer, rng)
-        while buffer:
-            yield _pop_random(buffer, rng)
+        pieces = self._epoch_pieces(stream, epoch)
+        records = (record for piece in pieces for record in piece.records(_read_shard(piece.url, skipped)))
+        return _shuffled(records, self.cfg.shuffle_buffer, self._shuffle_rng(stream, epoch))
+
+    def _shuffle_rng(self, stream: int, epoch: int) -> np.random.Generator:
+        return _seed(self.cfg.seed, epoch, self.rank, stream)
+
+    def unread(self, stream: int, position: StreamPosition, *, through: int) -> Continued:
+        """What `stream` had not taken, at `position`, of its epochs up to `through`: the pieces left of the epoch
+        it was in (from a replay of its shuffle on record keys alone), and all its pieces of the later ones."""
+        left = {position.epoch: self._unread_in_epoch(stream, position)}
+        return left | {epoch: self._epoch_pieces(stream, epoch) for epoch in range(position.epoch + 1, through + 1)}
+
+    def _unread_in_epoch(self, stream: int, position: StreamPosition) -> list[Piece]:
+        pieces = self._epoch_pieces(stream, position.epoch)
+        read = [0] * len(pieces)
+        finished = [False] * len(pieces)
+
+        def keys_of(index: int, piece: Piece) -> Iterator[tuple[int, str]]:
+            for record in piece.records({"__key__": key} for key in shard_keys(piece.url)):
+                read[index] += 1
+                yield index, record["__key__"]
+            finished[index] = True
+
+        records = (record for index, piece in enumerate(pieces) for record in keys_of(index, piece))
+        shuffled = _shuffled(records, self.cfg.shuffle_buffer, self._shuffle_rng(stream, position.epoch))
+        taken: list[set[str]] = [set() for _ in pieces]
+        last = None
+        for index, key in itertools.islice(shuffled, position.records):
+            taken[index].add(key)
+            last = index, key
+        split = {}
+        if last and position.crops < self.cfg.crops_per_clip:  # the last record taken still has crops to give
+            taken[last[0]].discard(last[1])
+            split = {last: position.crops}
+        left = []
+        for index, piece in enumerate(pieces):
+            if finished[index] and len(taken[index]) == read[index]:
+                continue  # every record of it was used
+            all_taken = piece.taken | taken[index]
+            crops_used = {key: used for key, used in piece.crops_used.items() if key not in all_taken}
+            crops_used |= {key: used for (at, key), used in split.items() if at == index}
+            left.append(Piece(piece.url, frozenset(all_taken), crops_used))
+        return left
 
     def _decode(self, record: dict[str, Any], skipped: Counter[str]) -> _Clip | None:
         """The decoded clip of a usable record; None, counted by reason, for anything else."""
@@ -307,6 +403,17 @@ class RankStreams(IterableDataset):
             yield _Crop(key, clip.audio[start : start + self.crop_samples], clip.mean, clip.scale)
 
 
+def _shuffled(records: Iterable[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
+    """`records` through a shuffle buffer of `size`: each is drawn at random from the last `size` read."""
+    buffer: list[Any] = []
+    for record in records:
+        buffer.append(record)
+        if len(buffer) >= size:
+            yield _pop_random(buffer, rng)
+    while buffer:
+        yield _pop_random(buffer, rng)
+
+
 def _pop_random(buffer: list[Any], rng: np.random.Generator) -> Any:
     index = rng.integers(len(buffer))
     buffer[index], buffer[-1] = buffer[-1], buffer[index]
@@ -338,10 +445,43 @@ def _read_shard(url: str, skipped: Counter[str]) -> Iterator[dict[str, Any]]:
         yield record  # holds only members read in full; the member being read when the damage came is lost
 
 
-class StreamingLoader:
-    """Batches for one rank, from DataLoader workers, with `state_dict`/`load_state_dict` for exact resume.
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")  # what webdataset's tar iterator skips as metadata
 
-    Iterating again after a break (or after `load_state_dict`) continues where the last handed-out batch left off.
+
+def shard_keys(url: str) -> list[str]:
+    """The record keys of one shard, in the order `_read_shard` gives its records. An intact, uncompressed local tar
+    is read header by header, seeking past the audio; anything else is read whole."""
+    if "://" not in url and not url.startswith("pipe:"):
+        keys = _keys_from_headers(Path(url))
+        if keys is not None:
+            return keys
+    return [record["__key__"] for record in _read_shard(url, Counter())]
+
+
+def _keys_from_headers(path: Path) -> list[str] | None:
+    """None when `path` is not an intact uncompressed tar: the full read then decides what a damaged one holds."""
+    try:
+        size = path.stat().st_size
+        keys: list[str] = []
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isreg() or _META_MEMBER.match(member.name):
+                    continue
+                if member.offset_data + member.size > size:
+                    return None  # cut short inside this member
+                key = member.name.partition(".")[0]
+                if not keys or keys[-1] != key:
+                    keys.append(key)
+    except (OSError, tarfile.TarError):
+        return None
+    return keys
+
+
+class StreamingLoader:
+    """Batches for one rank, from DataLoader workers, with `state_dict`/`load_state_dict` for exact resume and
+    `continue_elastically` for a resume in another layout (world size, workers).
+
+    Iterating again after a break (or after loading a state) continues where the last handed-out batch left off.
     """
 
     def __init__(self, cfg: DataConfig, *, frames: int, rank: int = 0, world_size: int = 1) -> None:
@@ -356,6 +496,11 @@ class StreamingLoader:
         self._positions: dict[int, dict[str, Any]] = {}  # stream -> its position after the last batch handed out
         self._next_stream = 0
         self._identity = {"seed": cfg.seed, "rank": rank, "world_size": world_size, "workers": cfg.workers}
+
+    @property
+    def layout(self) -> dict[str, int]:
+        """What exact resume needs unchanged: the data seed, the world size and the workers per rank."""
+        return {key: value for key, value in self._identity.items() if key != "rank"}
 
     def __iter__(self) -> Iterator[Batch]:
         self.streams.rotation = self._next_stream
@@ -383,7 +528,17 @@ class StreamingLoader:
         return {reason: total[reason] for reason in SKIP_REASONS}
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"identity": self._identity, "streams": self._positions, "next_stream": self._next_stream}
+        continued = {  # the continued epochs a stream has not finished; the finished ones are needed no more
+            stream: {epoch: [piece.to_dict() for piece in pieces] for epoch, pieces in epochs.items() if epoch >= at}
+            for stream, epochs in self.streams.continued.items()
+            if epochs and max(epochs) >= (at := self._positions.get(stream, {}).get("epoch", 0))
+        }
+        state = {
+            "identity": self._identity,
+            "streams": self._positions,
+            "next_stream": self._next_stream,
+            "continued": continued,
+        }
         return copy.deepcopy(state)  # a snapshot: iteration goes on replacing the live entries
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -399,3 +554,89 @@ class StreamingLoader:
             )
         self._positions = {int(stream): position for stream, position in state["streams"].items()}
         self._next_stream = state["next_stream"]
+        self.streams.continued = _continued_from(state.get("continued", {}))
+
+    def continue_elastically(self, states: list[dict[str, Any]]) -> str:
+        """Continue from the states of every rank of a run in another layout (world size or workers), using each
+        clip of the epoch in progress exactly once (see the module's docstring); what was done, in words."""
+        old = _check_elastic_states(states, seed=self.cfg.seed)
+        positions = {}
+        for state in old:
+            saved = {int(stream): position for stream, position in state["streams"].items()}
+            for stream in range(max(state["identity"]["workers"], 1)):
+                position = StreamPosition.from_dict(saved[stream]) if stream in saved else StreamPosition()
+                positions[state["identity"]["rank"], stream] = position
+        batches = max(position.batches for position in positions.values())
+        skipped = sum((position.skipped for (rank, _), position in positions.items() if rank == 0), Counter())
+        first, last = min(p.epoch for p in positions.values()), max(p.epoch for p in positions.values())
+        if self.cfg.resample:  # no epoch to complete: the next draws, in the new layout
+            first = last + 1
+            continued: dict[int, Continued] = {}
+            said = f"data.resample: the new streams draw from epoch {first}"
+        else:
+            continued = self._deal(self._unread_pieces(old, positions, through=last), first, last)
+            pieces = sum(len(pieces) for epochs in continued.values() for pieces in epochs.values())
+            said = f"epochs {first}-{last} continued: {pieces} shard piece(s) the old streams had not read dealt here"
+        self._positions = {stream: StreamPosition(first, batches=batches).to_dict() for stream in self._stream_ids()}
+        if self._identity["rank"] == 0:  # rank 0's counts go on from the old rank 0's: they are the ones logged
+            self._positions[0] |= {"skipped": dict(skipped), "skipped_at_epoch_start": dict(skipped)}
+        self._next_stream = 0
+        self.streams.continued = continued
+        return said
+
+    def _stream_ids(self) -> range:
+        return range(max(self.cfg.workers, 1))
+
+    def _unread_pieces(
+        self, old: list[dict[str, Any]], positions: dict[tuple[int, int], StreamPosition], *, through: int
+    ) -> list[Continued]:
+        """Every old stream's unread pieces, in the order of the old streams (rank, then worker)."""
+        unread = []
+        for state in old:
+            identity = state["identity"]
+            streams = RankStreams(
+                self.cfg,
+                self.urls,
+                frames=self.streams.frames,
+                rank=identity["rank"],
+                world_size=identity["world_size"],
+                workers=identity["workers"],
+            )
+            streams.continued = _continued_from(state.get("continued", {}))
+            rank = identity["rank"]
+            unread += [streams.unread(s, positions[rank, s], through=through) for s in range(streams.streams_per_rank)]
+        return unread
+
+    def _deal(self, unread: list[Continued], first: int, last: int) -> dict[int, Continued]:
+        """This rank's streams' share of every continued epoch: the pieces in turn, one to each new stream."""
+        streams_per_rank = max(self.cfg.workers, 1)
+        everyone = self._identity["world_size"] * streams_per_rank
+        mine = self._identity["rank"] * streams_per_rank
+        continued: dict[int, Continued] = {stream: {} for stream in self._stream_ids()}
+        for epoch in range(first, last + 1):
+            pieces = [piece for epochs in unread for piece in epochs.get(epoch, [])]
+            for stream in self._stream_ids():
+                continued[stream][epoch] = pieces[mine + stream :: everyone]
+        return continued
+
+
+def _continued_from(state: dict[Any, Any]) -> dict[int, Continued]:
+    """A saved `continued` (JSON turns its integer keys into strings) back into pieces."""
+    return {
+        int(stream): {int(epoch): [Piece.from_dict(piece) for piece in pieces] for epoch, pieces in epochs.items()}
+        for stream, epochs in state.items()
+    }
+
+
+def _check_elastic_states(states: list[dict[str, Any]], *, seed: int) -> list[dict[str, Any]]:
+    """The states of one run's ranks, 0 to N-1, by rank; a ValueError naming what does not fit."""
+    if not states or any("streams" not in state for state in states):
+        raise ValueError("data-loader states for an elastic resume must come from every rank of one checkpoint")
+    identities = [state["identity"] for state in states]
+    world = identities[0]["world_size"]
+    ranks = sorted(identity["rank"] for identity in identities)
+    if ranks != list(range(world)) or any(identity["world_size"] != world for identity in identities):
+        raise ValueError(f"data-loader states of ranks {ranks} do not make up a run of {world} ranks")
+    if any(identity["seed"] != seed for identity in identities):
+        raise ValueError(f"data-loader state was saved with data.seed={identities[0]['seed']}, this run has {seed}")
+    return sorted(states, key=lambda state: state["identity"]["rank"])

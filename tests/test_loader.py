@@ -5,6 +5,7 @@ import io
 import itertools
 import json
 import tarfile
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -204,3 +205,116 @@ def test_unthinned_masks_are_whole_spans_of_ten(shards):
         row = batch.mask[0].numpy().astype(int)
         edges = np.flatnonzero(np.diff(np.concatenate([[0], row, [0]])))
         assert ((edges[1::2] - edges[::2]) >= 10).all()
+
+
+def crops_of_epoch(batches, epoch):
+    """(key, digest of the crop's samples) of every crop of `epoch` in `batches`: what identifies a sample."""
+    return Counter(
+        (key, hash(row.tobytes()))
+        for batch in batches
+        for key, at, row in zip(batch.keys, batch.epochs, batch.audio.numpy(), strict=True)
+        if at == epoch
+    )
+
+
+def run_until_epoch(loaders, epoch, *, limit=200):
+    """Batches of every loader until each of its streams has moved on to `epoch` (one rank after another)."""
+    batches = []
+    for source in loaders:
+        with contextlib.closing(iter(source)) as iterator:
+            for _ in range(limit):
+                state = source.state_dict()["streams"]
+                if len(state) == max(source.cfg.workers, 1) and all(s["epoch"] >= epoch for s in state.values()):
+                    break
+                batches.append(next(iterator))
+            else:
+                pytest.fail(f"a stream never reached epoch {epoch}")
+    return batches
+
+
+def layout(shards, world_size, workers, **overrides):
+    return [
+        loader(shards, rank=rank, world_size=world_size, workers=workers, **overrides) for rank in range(world_size)
+    ]
+
+
+def interrupted(shards, world_size, workers, steps, **overrides):
+    """The loaders of a run of `world_size` ranks after `steps` batches each, and the batches they gave."""
+    loaders = layout(shards, world_size, workers, **overrides)
+    batches = [batch for source in loaders for batch in take(source, steps)]
+    states = [json.loads(json.dumps(source.state_dict())) for source in loaders]  # what checkpoints would store
+    return states, batches
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "steps", "batch_size"),
+    [((2, 2), (1, 3), 3, 4), ((1, 1), (2, 2), 7, 4), ((2, 1), (3, 2), 6, 4), ((1, 2), (2, 1), 21, 3)],
+    ids=["2x2-to-1x3", "1x1-to-2x2", "2x1-to-3x2", "1x2-to-2x1-across-epochs"],
+)
+def test_an_elastic_resume_uses_every_clip_of_the_epoch_exactly_once(shards, before, after, steps, batch_size):
+    """Another world size and workers: the crops of the epoch in progress, old and resumed together, are those of an
+    uninterrupted run (keys and samples), in another order."""
+    uninterrupted = crops_of_epoch(run_until_epoch(layout(shards, *before, batch_size=batch_size), 1), 0)
+    assert sum(uninterrupted.values()) == 32 * 2  # 32 clips, 2 crops each
+    states, head = interrupted(shards, *before, steps, batch_size=batch_size)
+    epochs = {position["epoch"] for state in states for position in state["streams"].values()}
+    assert epochs == ({0, 1} if batch_size == 3 else {0})  # 10 2/3 batches per stream: one is in the next epoch
+    resumed = layout(shards, *after, batch_size=batch_size)
+    for source in resumed:
+        source.continue_elastically(states)
+    tail = run_until_epoch(resumed, 2 if batch_size == 3 else 1)
+    assert crops_of_epoch(head + tail, 0) == uninterrupted
+    assert crops_of_epoch(tail, 0), "the resume had something left of the epoch to read"
+    if batch_size == 3:  # epoch 1, begun by one old stream, is completed by the new ones too
+        assert crops_of_epoch(head + tail, 1) == crops_of_epoch(
+            run_until_epoch(layout(shards, *before, batch_size=3), 2), 1
+        )
+
+
+def test_an_elastic_resume_during_a_continued_epoch_and_an_exact_one_after_it(shards):
+    """2x2 -> 1x3 -> 2x1, each before the epoch is done, then an exact resume of the last layout: still every
+    clip once; the third layout's states carry the continued pieces."""
+    expected = crops_of_epoch(run_until_epoch(layout(shards, 2, 2), 1), 0)
+    states, head = interrupted(shards, 2, 2, 2)
+    second = layout(shards, 1, 3)
+    second[0].continue_elastically(states)
+    middle = take(second[0], 4)
+    third = layout(shards, 2, 1)
+    for source in third:
+        source.continue_elastically([json.loads(json.dumps(second[0].state_dict()))])
+    after_third = [batch for source in third for batch in take(source, 1)]
+    saved = [json.loads(json.dumps(source.state_dict())) for source in third]
+    assert any(state["continued"] for state in saved)
+    exact = layout(shards, 2, 1)
+    for source, state in zip(exact, saved, strict=True):
+        source.load_state_dict(state)
+    tail = run_until_epoch(exact, 1)
+    assert crops_of_epoch(head + middle + after_third + tail, 0) == expected
+
+
+def test_with_resampling_an_elastic_resume_starts_the_next_draws(shards):
+    states, _ = interrupted(shards, 2, 1, 5, resample=True)
+    resumed = loader(shards, world_size=1, workers=2, resample=True)
+    said = resumed.continue_elastically(states)
+    last_epoch = max(position["epoch"] for state in states for position in state["streams"].values())
+    assert f"epoch {last_epoch + 1}" in said
+    assert all(at == last_epoch + 1 for batch in take(resumed, 3) for at in batch.epochs)
+
+
+def test_an_elastic_resume_refuses_states_that_are_not_one_whole_run(shards):
+    states, _ = interrupted(shards, 2, 1, 1)
+    with pytest.raises(ValueError, match=r"ranks \[1\] do not make up a run of 2"):
+        loader(shards).continue_elastically(states[1:])
+    with pytest.raises(ValueError, match=r"data\.seed=3, this run has 4"):
+        loader(shards, seed=4).continue_elastically(states)
+
+
+def test_shard_keys_from_tar_headers_equal_a_full_read(shards, tmp_path):
+    from data.loader import _keys_from_headers, _read_shard, shard_keys
+
+    for tar in sorted(shards.glob("*.tar")):
+        assert _keys_from_headers(tar) == [record["__key__"] for record in _read_shard(str(tar), Counter())]
+    write_tar(tmp_path / "cut.tar", [flac_record("a"), flac_record("b", seed=1), flac_record("c", seed=2)])
+    truncate_inside(tmp_path / "cut.tar", "b.flac")
+    assert _keys_from_headers(tmp_path / "cut.tar") is None  # damaged: the full read decides
+    assert shard_keys(str(tmp_path / "cut.tar")) == ["a"]

@@ -34,12 +34,14 @@ class TrainingJob(submitit.helpers.Checkpointable):
         gpus_per_node: int,
         executor: str = "slurm",
         allow_config_change: bool = False,
+        allow_batch_change: bool = False,
     ) -> None:
         self.cfg = cfg
         self.executor = executor  # "slurm" or "local": how the run directory's lease tells whether the job lives
         self.workdir = workdir  # relative paths in the config (run_dir, shards) mean what they meant at launch
         self.gpus_per_node = gpus_per_node  # > 0: a rank that cannot use a GPU refuses to train on the CPU
         self.allow_config_change = allow_config_change
+        self.allow_batch_change = allow_batch_change
 
     def __call__(self) -> dict[str, Any]:
         from trainer.stop import StopFlag
@@ -69,7 +71,13 @@ class TrainingJob(submitit.helpers.Checkpointable):
         lease = Lease("train", job_id=attempt.job_id, executor=self.executor, restart=attempt.restart)
 
         try:
-            summary = train(self.cfg, allow_config_change=self.allow_config_change, stop=stop, owner=lease)
+            summary = train(
+                self.cfg,
+                allow_config_change=self.allow_config_change,
+                allow_batch_change=self.allow_batch_change,
+                stop=stop,
+                owner=lease,
+            )
         except BaseException as error:
             attempt.ended(_step(latest_complete(run_dir)), _why_it_ended(error))
             lease.release()

@@ -21,6 +21,7 @@ from cluster.job import TrainingJob
 from cluster.submit import check_submittable, log_folder, scheduler_lines, submit_job
 from data.audio import SAMPLE_RATE
 from data.loader import check_shard_count, shard_urls
+from trainer import elastic, layout
 from trainer.config import ExperimentConfig, check_run_dir
 from trainer.ds_config import deepspeed_config
 from trainer.layout import JOBS
@@ -30,10 +31,11 @@ from trainer.toolchain import check_toolchain
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    experiment: ExperimentConfig  # data.workers sized for the task's CPUs
+    experiment: ExperimentConfig  # data.workers sized for the task's CPUs; train.grad_accum fitted to a checkpoint
     cluster: ClusterConfig
     shards: int
     workdir: Path  # where relative paths in the config point; the job runs there too
+    resume: str | None = None  # how the job continues the run directory's newest checkpoint, in words
 
     @property
     def run_dir(self) -> Path:
@@ -41,23 +43,56 @@ class LaunchPlan:
 
 
 def plan_launch(
-    experiment: ExperimentConfig, cluster: ClusterConfig, *, allow_config_change: bool, take_over: bool = False
+    experiment: ExperimentConfig,
+    cluster: ClusterConfig,
+    *,
+    allow_config_change: bool,
+    allow_batch_change: bool = False,
+    take_over: bool = False,
 ) -> LaunchPlan:
     """Validate a launch without submitting anything; each problem is a ValueError naming the key, file or value."""
     experiment = replace(experiment, data=experiment.data.sized_for(cluster.cpus_per_task))
+    run_dir = Path.cwd() / experiment.train.run_dir
+    experiment, resume = plan_resume(experiment, run_dir, cluster.world_size, allow_batch_change=allow_batch_change)
     if experiment.train.precision == "fp16" and cluster.gpus_per_node == 0:
         raise ValueError("train.precision=fp16 needs GPUs (cluster.gpus_per_node=0); use bf16 or fp32")
     shards = reachable_shards(experiment)
     check_shard_count(shards, experiment.data, cluster.world_size)
     deepspeed_config(experiment, cluster.world_size)  # a template contradicting this world size fails here
     check_toolchain(experiment, on_gpu=cluster.gpus_per_node > 0)  # the login node stands in for the job's nodes
-    plan = LaunchPlan(experiment, cluster, shards, Path.cwd())
+    plan = LaunchPlan(experiment, cluster, shards, Path.cwd(), resume)
     check_run_dir(experiment, plan.run_dir, allow_config_change=allow_config_change)
     check_writable(plan.run_dir)
     if plan.run_dir.is_dir():
         check_writers(plan.run_dir, shared_group=experiment.train.shared_group)
     lease.check_free(plan.run_dir, take_over=take_over)
     return plan
+
+
+def plan_resume(
+    experiment: ExperimentConfig, run_dir: Path, world_size: int, *, allow_batch_change: bool
+) -> tuple[ExperimentConfig, str | None]:
+    """The experiment fitted to the run directory's newest checkpoint (train.grad_accum keeping its global batch on
+    this world size), and how the job will resume it, in words; None for a new run."""
+    saved = elastic.newest_layout(run_dir)
+    if saved is None:
+        return experiment, None
+    fitted, change = elastic.keep_global_batch(experiment, world_size, saved, allow_batch_change=allow_batch_change)
+    step = layout.latest_complete(run_dir)[0]
+    now = elastic.run_layout(fitted, world_size)
+    if (saved.world_size, saved.workers) == (now.world_size, now.workers):
+        return fitted, f"resume: exact, from step {step} ({saved.describe()})"
+    lines = [
+        f"resume: elastic, from step {step}: written by {saved.describe()}; this job: {now.describe()}",
+        *([f"  {change}"] if change else []),
+        *(
+            ["  weights and optimizer state resharded through DeepSpeed's universal checkpoint"]
+            if saved.world_size != now.world_size
+            else []
+        ),
+        "  the loader reads what the old streams had not reached of the epoch, then goes on in the new layout",
+    ]
+    return fitted, "\n".join(lines)
 
 
 def reachable_shards(cfg: ExperimentConfig) -> int:
@@ -111,6 +146,7 @@ def describe(plan: LaunchPlan) -> str:
         per_rank,
         global_line,
         f"run directory: {plan.run_dir}",
+        *([plan.resume] if plan.resume else []),
         "",
         f"# {cluster.executor} job",
         *scheduler_lines(cluster, log_folder(plan.run_dir / JOBS, cluster)),
@@ -118,7 +154,9 @@ def describe(plan: LaunchPlan) -> str:
     return "\n".join(lines) + "\n"
 
 
-def submit(plan: LaunchPlan, *, allow_config_change: bool, take_over: bool = False) -> submitit.Job:
+def submit(
+    plan: LaunchPlan, *, allow_config_change: bool, allow_batch_change: bool = False, take_over: bool = False
+) -> submitit.Job:
     """Queue the job (SLURM) or start it (local processes), holding the run directory's lease for it, and note the
     submission in the run directory."""
     check_submittable(plan.cluster, option="cluster.executor")  # a dry run needs no SLURM; this does
@@ -134,6 +172,7 @@ def submit(plan: LaunchPlan, *, allow_config_change: bool, take_over: bool = Fal
             gpus_per_node=plan.cluster.gpus_per_node,
             executor=plan.cluster.executor,
             allow_config_change=allow_config_change,
+            allow_batch_change=allow_batch_change,
         )
         submitted = submit_job(
             job, plan.cluster, log_folder(plan.run_dir / JOBS, plan.cluster), max_requeues=plan.cluster.max_requeues

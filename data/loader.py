@@ -574,9 +574,9 @@ class StreamingLoader:
             continued: dict[int, Continued] = {}
             said = f"data.resample: the new streams draw from epoch {first}"
         else:
-            continued = self._deal(self._unread_pieces(old, positions, through=last), first, last)
-            pieces = sum(len(pieces) for epochs in continued.values() for pieces in epochs.values())
-            said = f"epochs {first}-{last} continued: {pieces} shard piece(s) the old streams had not read dealt here"
+            unread = self._unread_pieces(old, positions, through=last)
+            continued = self._deal(unread, first, last)
+            said = _what_was_left(sum(len(pieces) for epochs in unread for pieces in epochs.values()), first, last)
         self._positions = {stream: StreamPosition(first, batches=batches).to_dict() for stream in self._stream_ids()}
         if self._identity["rank"] == 0:  # rank 0's counts go on from the old rank 0's: they are the ones logged
             self._positions[0] |= {"skipped": dict(skipped), "skipped_at_epoch_start": dict(skipped)}
@@ -618,6 +618,14 @@ class StreamingLoader:
             for stream in self._stream_ids():
                 continued[stream][epoch] = pieces[mine + stream :: everyone]
         return continued
+
+
+def _what_was_left(pieces: int, first: int, last: int) -> str:
+    epochs = f"epoch {first}" if first == last else f"epochs {first}-{last}"
+    then = f"epoch {last + 1} starts in the new layout"
+    if not pieces:
+        return f"the old loader streams had read {epochs} whole; {then}"
+    return f"the {pieces} shard piece(s) the old loader streams left of {epochs} are dealt to the new ones; {then}"
 
 
 def _continued_from(state: dict[Any, Any]) -> dict[int, Continued]:

@@ -31,6 +31,8 @@ from data.jsonlines import fsync_folder
 from trainer.config import ExperimentConfig, load_config, save_config
 from trainer.layout import CHECKPOINTS, COMPLETE, CONFIG, EXPORTS, complete_checkpoints, step_of
 
+MARKER_KEYS = ("step", "config_digest", "world_size", "files")  # what COMPLETE says, besides when it was written
+
 
 class CheckpointError(ValueError):
     """A COMPLETE checkpoint that cannot be resumed from; the message names the file and says why."""
@@ -91,26 +93,32 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify(folder: Path, *, config_digest: str | None, world_size: int | None) -> None:
+def verify(folder: Path, *, config_digest: str | None) -> None:
     """Check that `folder` holds what its COMPLETE says, or raise CheckpointError naming the file and the reason.
-    `config_digest`: the config this run resumes with (None: a config change was allowed); `world_size`: the ranks
-    that will load it (None: any, for a reader that consolidates the shards)."""
-    marker = folder / COMPLETE
-    try:
-        content = json.loads(marker.read_text())
-        step, digest, ranks, files = (content[key] for key in ("step", "config_digest", "world_size", "files"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{marker}: not a valid COMPLETE marker ({error})") from None
+    `config_digest`: the config this run resumes with (None: a config change was allowed)."""
+    content = read_marker(folder)
+    step, digest, files = content["step"], content["config_digest"], content["files"]
     problems = []
     if step != step_of(folder):
         problems.append(f"it says step {step}, the folder is {folder.name}")
     if config_digest is not None and digest != config_digest:
         problems.append(f"it was written with config digest {digest}, this run's is {config_digest}")
-    if world_size is not None and ranks != world_size:
-        problems.append(f"it was written by {ranks} ranks, this run has {world_size}: resume with {ranks}")
     if problems:
-        raise CheckpointError(f"{marker}: " + "; ".join(problems))
+        raise CheckpointError(f"{folder / COMPLETE}: " + "; ".join(problems))
     _check_files(folder, files)
+
+
+def read_marker(folder: Path) -> dict[str, Any]:
+    """What a checkpoint's COMPLETE says (MARKER_KEYS and the time); CheckpointError when it says nothing usable."""
+    marker = folder / COMPLETE
+    try:
+        content = json.loads(marker.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{marker}: not a valid COMPLETE marker ({error})") from None
+    missing = [key for key in MARKER_KEYS if key not in content] if isinstance(content, dict) else list(MARKER_KEYS)
+    if missing:
+        raise CheckpointError(f"{marker}: not a valid COMPLETE marker (it lacks {', '.join(missing)})")
+    return content
 
 
 def _check_files(folder: Path, expected: dict[str, str]) -> None:

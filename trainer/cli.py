@@ -124,7 +124,9 @@ def _train(args: argparse.Namespace) -> int:
         "train", job_id=job_id, executor="slurm" if job_id else None, restart=restart, take_over=args.take_over
     )
     try:
-        summary = train(cfg, allow_config_change=args.allow_config_change, owner=lease)
+        summary = train(
+            cfg, allow_config_change=args.allow_config_change, allow_batch_change=args.allow_batch_change, owner=lease
+        )
     except TrainingAbortedError as error:
         print(f"music2vec train: aborted: {error}", file=sys.stderr)
         return 1
@@ -146,11 +148,12 @@ def _launch(args: argparse.Namespace) -> int:
 
     experiment, cluster = load_job_config(args.config, args.overrides)
     cluster = with_flags(cluster, vars(args))
-    plan = plan_launch(experiment, cluster, allow_config_change=args.allow_config_change, take_over=args.take_over)
+    allowed = {"allow_config_change": args.allow_config_change, "allow_batch_change": args.allow_batch_change}
+    plan = plan_launch(experiment, cluster, take_over=args.take_over, **allowed)
     if args.dry_run:
         print(describe(plan) + "\ndry run: nothing submitted")
         return 0
-    job = submit(plan, allow_config_change=args.allow_config_change, take_over=args.take_over)
+    job = submit(plan, take_over=args.take_over, **allowed)
     print(
         f"submitted {cluster.executor} job {job.job_id}: {cluster.world_size} rank(s) training into {plan.run_dir};"
         f" logs in {job.paths.folder}; watch it with: music2vec status {plan.run_dir}",
@@ -393,6 +396,12 @@ def _add_experiment_arguments(parser: argparse.ArgumentParser, config_help: str,
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"config overrides, e.g. {example}")
     parser.add_argument(
         "--allow-config-change", action="store_true", help="continue a run directory whose config was different"
+    )
+    parser.add_argument(
+        "--allow-batch-change",
+        action="store_true",
+        help="resume on a world size where no train.grad_accum keeps the checkpoint's crops per update: go on with"
+        " the nearest global batch",
     )
     parser.add_argument(
         "--take-over",

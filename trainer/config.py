@@ -102,10 +102,14 @@ class TrainConfig:
 
 # What a run's numbers do not depend on: where its directory is and who may write it, how often it logs and
 # checkpoints, how many checkpoints it keeps, when its guards give up, and which kernels compute the same math. A run
-# continues across a change of these; the config digest leaves them out.
+# continues across a change of these; the config digest leaves them out. Nor does it hold the layout (loader workers,
+# and the micro-batches per update that make the global batch with the world size): a resume in another layout is
+# elastic, and the global batch is checked on its own (trainer.elastic).
 NOT_IN_DIGEST = {
+    "data": ("workers",),
     "train": (
         "run_dir",
+        "grad_accum",
         "log_every",
         "checkpoint_every",
         "keep_last",
@@ -117,7 +121,7 @@ NOT_IN_DIGEST = {
         "shared_group",
         "compile",
         "deterministic",
-    )
+    ),
 }
 
 

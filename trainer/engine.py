@@ -11,6 +11,11 @@ from typing import Literal
 
 import deepspeed
 import torch
+from deepspeed.checkpoint.constants import (
+    UNIVERSAL_CHECKPOINT_INFO,
+    UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+)
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -103,6 +108,10 @@ class Engine:
         optimizer = build_optimizer(model, cfg.optim, optimizer_choice(device.type, offload=cfg.train.offload))
         if cfg.train.compile:
             model.compile_blocks()
+        # Saved into every checkpoint: DeepSpeed's universal-checkpoint converter (an elastic resume) requires it.
+        setattr(
+            model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+        )
         # DeepSpeed would take GPU number LOCAL_RANK, which does not exist where the scheduler binds one GPU per task.
         args = SimpleNamespace(device_rank=device.index) if device.type == "cuda" else None
         self.ds, *_ = deepspeed.initialize(
@@ -152,9 +161,15 @@ class Engine:
         """DeepSpeed's part of a checkpoint (weights and optimizer, sharded as ZeRO keeps them); a collective call."""
         self.ds.save_checkpoint(str(root), tag=tag, save_latest=False)
 
-    def load(self, root: Path, tag: str) -> None:
-        """DeepSpeed's part of a checkpoint; CheckpointError names a file that cannot be read or is refused."""
-        path, _ = self.ds.load_checkpoint(str(root), tag=tag, load_lr_scheduler_states=False)
+    def load(self, root: Path, tag: str, *, universal: bool = False) -> None:
+        """DeepSpeed's part of a checkpoint; CheckpointError names a file that cannot be read or is refused.
+        `universal`: a universal checkpoint (`trainer.elastic.universal_checkpoint`), written by another world size."""
+        self.ds._config.load_universal_checkpoint = universal
+        try:
+            with weights_only_loading():  # the universal loader calls torch.load itself, not the checkpoint engine
+                path, _ = self.ds.load_checkpoint(str(root), tag=tag, load_lr_scheduler_states=False)
+        finally:
+            self.ds._config.load_universal_checkpoint = False
         if path is None:
             raise CheckpointError(f"{root / tag}: DeepSpeed found no checkpoint to load")
 

@@ -61,7 +61,7 @@ def export(path: Path, out: Path, *, weights: Weights = "student") -> Path:
     if out.exists():
         raise FileExistsError(f"{out}: already exists; choose another --out or remove it")
     folder = find_checkpoint(path)
-    checkpoint.verify(folder, config_digest=None, world_size=None)  # a damaged file is named before the long read
+    checkpoint.verify(folder, config_digest=None)  # a damaged file is named before the long read
     cfg = checkpoint.saved_config(folder)
     state = encoder_state(consolidated_student(folder))
     if weights == "teacher":

@@ -2,7 +2,9 @@
 
 The same call starts a run or resumes it: the run directory decides. Resume is exact: a run killed after a
 checkpoint and started again takes the same batches, draws the same dropout, and reaches the same weights as one
-that was never interrupted (same config, world size and data workers).
+that was never interrupted (same config, world size and data workers). On another world size or number of data
+workers the resume is elastic (trainer.elastic): the global batch, the weights, the optimizer state and the epoch's
+clips carry over; the order of the clips and the summation order of the gradients do not.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch.distributed as dist
 from data.audio import SAMPLE_RATE
 from data.loader import StreamingLoader
 from model import Music2Vec, save_hf
-from trainer import checkpoint, layout, rundir
+from trainer import checkpoint, elastic, layout, rundir
 from trainer.collectives import agree_on_failure, reduce_scalar
 from trainer.config import ExperimentConfig, check_run_dir, save_config
 from trainer.engine import Engine
@@ -82,23 +84,33 @@ def train(
     cfg: ExperimentConfig,
     *,
     allow_config_change: bool = False,
+    allow_batch_change: bool = False,
     stop: StopFlag | None = None,
     owner: RunDirOwner | None = None,
 ) -> TrainSummary:
     """Train (or resume) the run of `cfg` on every rank of the process group. `owner`: the lease rank 0 claims
-    before it writes anything, and checks before every checkpoint."""
+    before it writes anything, and checks before every checkpoint. `allow_batch_change`: resume on a world size
+    where no train.grad_accum keeps the checkpoint's global batch, with the nearest one."""
     check_runnable(cfg)
     cfg = replace(cfg, data=cfg.data.sized_for(cpus_per_rank()))
     rank, world_size = dist.get_rank(), dist.get_world_size()
     run_dir = Path(cfg.train.run_dir)
+    cfg = fit_to_checkpoint(cfg, run_dir, world_size, rank=rank, allow_batch_change=allow_batch_change)
     prepare_run_dir(cfg, run_dir, rank=rank, allow_config_change=allow_config_change, owner=owner)
     seed_everything(cfg.train.seed, rank, deterministic=cfg.train.deterministic)
     model = Music2Vec(cfg.model)
     engine = Engine(model, cfg, world_size)
     frames = cfg.model.num_frames(round(cfg.data.crop_seconds * SAMPLE_RATE))
     loader = StreamingLoader(cfg.data, frames=frames, rank=rank, world_size=world_size)
-    digest = None if allow_config_change else cfg.digest()  # None: any checkpoint of this run directory will do
-    start = updates = resume(run_dir, engine, loader, rank=rank, world_size=world_size, config_digest=digest)
+    start = updates = resume(
+        run_dir,
+        engine,
+        loader,
+        rank=rank,
+        now=elastic.run_layout(cfg, world_size),
+        config_digest=None if allow_config_change else cfg.digest(),  # None: any checkpoint of this run will do
+        allow_batch_change=allow_batch_change,
+    )
     write_ds_config(run_dir, engine, rank=rank)
     log = MetricsLog(
         run_dir, rank=rank, every=cfg.train.log_every, start=updates, total=cfg.optim.max_updates, memory=engine.memory
@@ -280,6 +292,20 @@ def cpus_per_rank() -> int:
     return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
+def fit_to_checkpoint(
+    cfg: ExperimentConfig, run_dir: Path, world_size: int, *, rank: int, allow_batch_change: bool
+) -> ExperimentConfig:
+    """`cfg` with the train.grad_accum that keeps the newest checkpoint's global batch on this world size (see
+    `elastic.keep_global_batch`); rank 0 says what changed."""
+    saved = elastic.newest_layout(run_dir)
+    if saved is None:
+        return cfg
+    fitted, change = elastic.keep_global_batch(cfg, world_size, saved, allow_batch_change=allow_batch_change)
+    if change and rank == 0:
+        print(f"{run_dir}: {change}", flush=True)
+    return fitted
+
+
 def prepare_run_dir(
     cfg: ExperimentConfig, run_dir: Path, *, rank: int, allow_config_change: bool, owner: RunDirOwner | None
 ) -> None:
@@ -330,21 +356,25 @@ def resume(
     loader: StreamingLoader,
     *,
     rank: int,
-    world_size: int,
+    now: elastic.Layout,
     config_digest: str | None,
+    allow_batch_change: bool = False,
 ) -> int:
     """Load the newest complete checkpoint that verifies and loads; the number of updates it had done (0 for a new
-    run). A damaged one is reported and left in place, and the one before it is used. `config_digest`: None when a
-    config change was allowed."""
+    run). A damaged one is reported and left in place, and the one before it is used. `now`: this run's layout; a
+    checkpoint written in another one is resumed elastically. `config_digest`: None when a config change was
+    allowed."""
     unusable = []
     for step, folder in reversed(layout.complete_checkpoints(run_dir)):
-        verify = partial(checkpoint.verify, folder, config_digest=config_digest, world_size=world_size)
-        problem = agree_on_failure(verify if rank == 0 else None) or agree_on_failure(  # rank 0 reads every file
-            partial(load_checkpoint, folder, engine, loader, rank=rank)
+        check = partial(
+            check_resumable, folder, now, config_digest=config_digest, allow_batch_change=allow_batch_change
         )
+        problem = agree_on_failure(check if rank == 0 else None)  # rank 0 reads every file
+        if problem is None:
+            problem, said = load_checkpoint(folder, engine, loader, rank=rank, now=now)
         if problem is None:
             if rank == 0:
-                print(f"resuming {run_dir} from {folder.name} (config digest {config_digest or 'changed'})")
+                print(f"resuming {run_dir} from {folder.name} (config digest {config_digest or 'changed'}){said}")
             return step
         unusable.append(problem)
         if rank == 0:
@@ -358,12 +388,66 @@ def resume(
     return 0
 
 
-def load_checkpoint(folder: Path, engine: Engine, loader: StreamingLoader, *, rank: int) -> None:
-    engine.load(folder.parent, folder.name)
+def check_resumable(folder: Path, now: elastic.Layout, *, config_digest: str | None, allow_batch_change: bool) -> None:
+    """Every file as COMPLETE says, the same config, and the same global batch as this run (unless allowed)."""
+    checkpoint.verify(folder, config_digest=config_digest)
+    saved = elastic.checkpoint_layout(folder)
+    if saved.crops_per_update != now.crops_per_update and not allow_batch_change:
+        raise checkpoint.CheckpointError(
+            f"{folder}: it trained {saved.crops_per_update} crops per update ({saved.describe()}), this run"
+            f" {now.crops_per_update} ({now.describe()}); pass --allow-batch-change to go on with another global batch"
+        )
+
+
+def load_checkpoint(
+    folder: Path, engine: Engine, loader: StreamingLoader, *, rank: int, now: elastic.Layout
+) -> tuple[str | None, str]:
+    """Load `folder` on every rank: (the problem that stopped it, None when loaded; what the resume did, in words).
+    In the layout that wrote it the resume is exact; in another, elastic."""
+    saved = elastic.checkpoint_layout(folder)
+    reshard = saved.world_size != now.world_size
+    convert = partial(elastic.universal_checkpoint, folder)
+    problem = agree_on_failure(convert if reshard and rank == 0 else None)
+    said: list[str] = []
+    try:
+        problem = problem or agree_on_failure(
+            partial(load_states, folder, engine, loader, rank=rank, saved=saved, now=now, said=said)
+        )
+    finally:
+        if reshard and rank == 0:
+            elastic.remove_universal(folder)  # every rank has loaded it: agree_on_failure waits for all
+    if problem is None and (saved.world_size, saved.workers) != (now.world_size, now.workers):
+        resharded = "weights and optimizer state resharded; " if reshard else ""
+        return None, f"; elastic resume from {saved.describe()}: {resharded}{' '.join(said)}"
+    return problem, ""
+
+
+def load_states(
+    folder: Path,
+    engine: Engine,
+    loader: StreamingLoader,
+    *,
+    rank: int,
+    saved: elastic.Layout,
+    now: elastic.Layout,
+    said: list[str],
+) -> None:
+    """DeepSpeed's state (from its universal form on another world size), the teacher, and the data and RNG
+    position: this rank's own in the same layout, continued from every old rank's in another."""
+    if saved.world_size == now.world_size:
+        engine.load(folder.parent, folder.name)
+    else:
+        universal = elastic.universal_folder(folder)
+        engine.load(universal.parent, universal.name, universal=True)
     engine.model.teacher.load_state_dict(checkpoint.load_teacher(folder))
-    state = checkpoint.load_rank_state(folder, rank)
-    loader.load_state_dict(state["loader"])
-    checkpoint.set_rng_state(state["rng"])
+    if (saved.world_size, saved.workers) == (now.world_size, now.workers):
+        state = checkpoint.load_rank_state(folder, rank)
+        loader.load_state_dict(state["loader"])
+        checkpoint.set_rng_state(state["rng"])
+        return
+    states = [checkpoint.load_rank_state(folder, old_rank) for old_rank in range(saved.world_size)]
+    said.append(loader.continue_elastically([state["loader"] for state in states]))
+    checkpoint.set_rng_state(elastic.rng_state_for(rank, [state["rng"] for state in states]))
 
 
 def save_checkpoint(

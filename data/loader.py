@@ -165,7 +165,7 @@ class Piece:
     """What a stream reads of one shard in one epoch: all of it, or, continuing an epoch after an elastic resume,
     what the streams before it had not taken."""
 
-    url: str
+    shard: int  # its index in the shard list (not its URL: the shards may move between a resume and the next)
     taken: frozenset[str] = frozenset()  # keys of records already used in this epoch
     crops_used: dict[str, int] = field(default_factory=dict)  # a record split across batches: crops already used
 
@@ -180,11 +180,11 @@ class Piece:
             yield record
 
     def to_dict(self) -> dict[str, Any]:
-        return {"url": self.url, "taken": sorted(self.taken), "crops_used": dict(self.crops_used)}
+        return {"shard": self.shard, "taken": sorted(self.taken), "crops_used": dict(self.crops_used)}
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> Piece:
-        return cls(state["url"], frozenset(state["taken"]), dict(state["crops_used"]))
+        return cls(state["shard"], frozenset(state["taken"]), dict(state["crops_used"]))
 
 
 Continued = dict[int, list[Piece]]  # epoch -> the pieces a stream reads in it, for epochs continued elastically
@@ -306,25 +306,26 @@ class RankStreams(IterableDataset):
     def _shards_per_epoch(self) -> int:
         return max(1, len(self.urls) // (self.world_size * self.streams_per_rank))
 
-    def _stream_shards(self, stream: int, epoch: int) -> list[str]:
+    def _stream_shards(self, stream: int, epoch: int) -> list[int]:
+        """The shards (indices into the shard list) `stream` reads in a regular epoch."""
         streams = self.world_size * self.streams_per_rank
         index = self.rank * self.streams_per_rank + stream  # among every rank's streams
         if self.cfg.resample:
             draws = _seed(self.cfg.seed, epoch, index).integers(len(self.urls), size=self._shards_per_epoch())
-            return [self.urls[i] for i in draws]
+            return [int(shard) for shard in draws]
         order = _seed(self.cfg.seed, epoch).permutation(len(self.urls))
-        return [self.urls[i] for i in order[index::streams]]
+        return [int(shard) for shard in order[index::streams]]
 
     def _epoch_pieces(self, stream: int, epoch: int) -> list[Piece]:
         """What `stream` reads in `epoch`: its share of the shards, or its part of an epoch continued elastically."""
         continued = self.continued.get(stream, {})
         if epoch in continued:
             return continued[epoch]
-        return [Piece(url) for url in self._stream_shards(stream, epoch)]
+        return [Piece(shard) for shard in self._stream_shards(stream, epoch)]
 
     def _shuffled_records(self, stream: int, epoch: int, skipped: Counter[str]) -> Iterator[dict[str, Any]]:
         pieces = self._epoch_pieces(stream, epoch)
-        records = (record for piece in pieces for record in piece.records(_read_shard(piece.url, skipped)))
+        records = (r for piece in pieces for r in piece.records(_read_shard(self.urls[piece.shard], skipped)))
         return _shuffled(records, self.cfg.shuffle_buffer, self._shuffle_rng(stream, epoch))
 
     def _shuffle_rng(self, stream: int, epoch: int) -> np.random.Generator:
@@ -342,7 +343,7 @@ class RankStreams(IterableDataset):
         finished = [False] * len(pieces)
 
         def keys_of(index: int, piece: Piece) -> Iterator[tuple[int, str]]:
-            for record in piece.records({"__key__": key} for key in shard_keys(piece.url)):
+            for record in piece.records({"__key__": key} for key in shard_keys(self.urls[piece.shard])):
                 read[index] += 1
                 yield index, record["__key__"]
             finished[index] = True
@@ -365,7 +366,7 @@ class RankStreams(IterableDataset):
             all_taken = piece.taken | taken[index]
             crops_used = {key: used for key, used in piece.crops_used.items() if key not in all_taken}
             crops_used |= {key: used for (at, key), used in split.items() if at == index}
-            left.append(Piece(piece.url, frozenset(all_taken), crops_used))
+            left.append(Piece(piece.shard, frozenset(all_taken), crops_used))
         return left
 
     def _decode(self, record: dict[str, Any], skipped: Counter[str]) -> _Clip | None:
@@ -495,12 +496,13 @@ class StreamingLoader:
         )
         self._positions: dict[int, dict[str, Any]] = {}  # stream -> its position after the last batch handed out
         self._next_stream = 0
-        self._identity = {"seed": cfg.seed, "rank": rank, "world_size": world_size, "workers": cfg.workers}
-
-    @property
-    def layout(self) -> dict[str, int]:
-        """What exact resume needs unchanged: the data seed, the world size and the workers per rank."""
-        return {key: value for key, value in self._identity.items() if key != "rank"}
+        self._identity = {
+            "seed": cfg.seed,
+            "shards": len(self.urls),  # the epochs' shard orders depend on it: a grown manifest is another stream
+            "rank": rank,
+            "world_size": world_size,
+            "workers": cfg.workers,
+        }
 
     def __iter__(self) -> Iterator[Batch]:
         self.streams.rotation = self._next_stream
@@ -528,11 +530,12 @@ class StreamingLoader:
         return {reason: total[reason] for reason in SKIP_REASONS}
 
     def state_dict(self) -> dict[str, Any]:
-        continued = {  # the continued epochs a stream has not finished; the finished ones are needed no more
-            stream: {epoch: [piece.to_dict() for piece in pieces] for epoch, pieces in epochs.items() if epoch >= at}
-            for stream, epochs in self.streams.continued.items()
-            if epochs and max(epochs) >= (at := self._positions.get(stream, {}).get("epoch", 0))
-        }
+        continued = {}  # the continued epochs a stream has not finished; the finished ones are needed no more
+        for stream, epochs in self.streams.continued.items():
+            now = self._positions.get(stream, {}).get("epoch", 0)
+            left = {epoch: [piece.to_dict() for piece in pieces] for epoch, pieces in epochs.items() if epoch >= now}
+            if left:
+                continued[stream] = left
         state = {
             "identity": self._identity,
             "streams": self._positions,
@@ -550,7 +553,8 @@ class StreamingLoader:
         if state["identity"] != self._identity:
             raise ValueError(
                 f"data-loader state was saved with {state['identity']} and cannot continue exactly with"
-                f" {self._identity}: resume with the same seed, world size and data.workers"
+                f" {self._identity}: the same seed, shards, world size and data.workers continue exactly;"
+                " continue_elastically() takes every rank's state for another world size or data.workers"
             )
         self._positions = {int(stream): position for stream, position in state["streams"].items()}
         self._next_stream = state["next_stream"]
@@ -559,7 +563,7 @@ class StreamingLoader:
     def continue_elastically(self, states: list[dict[str, Any]]) -> str:
         """Continue from the states of every rank of a run in another layout (world size or workers), using each
         clip of the epoch in progress exactly once (see the module's docstring); what was done, in words."""
-        old = _check_elastic_states(states, seed=self.cfg.seed)
+        old = _check_elastic_states(states, seed=self.cfg.seed, shards=len(self.urls))
         positions = {}
         for state in old:
             saved = {int(stream): position for stream, position in state["streams"].items()}
@@ -636,7 +640,7 @@ def _continued_from(state: dict[Any, Any]) -> dict[int, Continued]:
     }
 
 
-def _check_elastic_states(states: list[dict[str, Any]], *, seed: int) -> list[dict[str, Any]]:
+def _check_elastic_states(states: list[dict[str, Any]], *, seed: int, shards: int) -> list[dict[str, Any]]:
     """The states of one run's ranks, 0 to N-1, by rank; a ValueError naming what does not fit."""
     if not states or any("streams" not in state for state in states):
         raise ValueError("data-loader states for an elastic resume must come from every rank of one checkpoint")
@@ -647,4 +651,9 @@ def _check_elastic_states(states: list[dict[str, Any]], *, seed: int) -> list[di
         raise ValueError(f"data-loader states of ranks {ranks} do not make up a run of {world} ranks")
     if any(identity["seed"] != seed for identity in identities):
         raise ValueError(f"data-loader state was saved with data.seed={identities[0]['seed']}, this run has {seed}")
+    if any(identity["shards"] != shards for identity in identities):
+        raise ValueError(
+            f"data-loader state was saved reading {identities[0]['shards']} shards, data.shards names {shards}:"
+            " the epoch in progress cannot be continued on another shard set"
+        )
     return sorted(states, key=lambda state: state["identity"]["rank"])

@@ -359,6 +359,7 @@ def processed_in_order(todo: list[tuple[int, str, str, ShardParams]], *, jobs: i
         yield from map(process_file, todo)
         return
     context = multiprocessing.get_context("spawn")
+    others = set(multiprocessing.active_children())  # the caller's own child processes, if any
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker) as pool:
         waiting = iter(todo)
         in_flight = deque((pool.submit(process_file, job), job[1]) for job in itertools.islice(waiting, 2 * jobs))
@@ -367,6 +368,10 @@ def processed_in_order(todo: list[tuple[int, str, str, ShardParams]], *, jobs: i
             try:
                 result = future.result()
             except BrokenProcessPool:
+                # The pool ends its other workers with SIGTERM, which they ignore (see _start_worker): one blocked
+                # writing a result nobody reads would then never end, and neither would the pool's shutdown.
+                for worker in set(multiprocessing.active_children()) - others:
+                    worker.kill()
                 raise WorkerDiedError(_worker_died([path for _, path in in_flight])) from None
             in_flight.popleft()
             in_flight.extend((pool.submit(process_file, job), job[1]) for job in itertools.islice(waiting, 1))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+from test_reliability import plant
 from test_train import command, run, torchrun
 
 from data import StreamingLoader
@@ -122,16 +123,26 @@ def test_training_continues_on_one_rank_with_the_global_batch_kept(
     tmp_path,
     capsys,
 ):
+    """Two ranks' run continued on one with two loader workers; a planted checkpoint ahead of it, whose optimizer
+    file would run a command when unpickled, is refused by the conversion and passed over."""
     run_dir = copy_run(two_rank_runs[2], tmp_path)
     before = read_metrics(run_dir)
+    evidence = tmp_path / "code-ran"
+    plant(run_dir, checkpoint_folder(run_dir, 8), evidence)
     cfg = load_config(TINY, [f"data.shards={demo_shards}", f"train.run_dir={run_dir}"])
     cfg = replace(cfg, optim=replace(cfg.optim, max_updates=12), data=replace(cfg.data, workers=2))
 
     summary = train(cfg, allow_config_change=True)  # more updates than the run was configured for
 
-    said = capsys.readouterr().out
+    captured = capsys.readouterr()
+    said = captured.out
+    assert not evidence.exists()
+    assert (
+        "refused: it holds pickled objects that could run code when loaded (the first: posix.system)" in captured.err
+    )
     assert "train.grad_accum 1 -> 2 keeps 8 crops per update on 1 rank(s)" in said
-    assert "elastic resume from 2 rank(s) x 1 loader worker(s)" in said
+    assert "resuming" in said
+    assert "from step_000000008 (config digest changed); elastic resume from 2 rank(s) x 1 loader worker(s)" in said
     assert (summary.start_step, summary.end_step) == (8, 12)
     metrics = read_metrics(run_dir)
     assert [entry["step"] for entry in metrics] == list(range(1, 13))
@@ -141,7 +152,8 @@ def test_training_continues_on_one_rank_with_the_global_batch_kept(
     marker = checkpoint.read_marker(checkpoint_folder(run_dir, 12))
     assert marker["world_size"] == 1
     assert checkpoint.saved_config(checkpoint_folder(run_dir, 12)).train.grad_accum == 2
-    assert [step for step, _ in complete_checkpoints(run_dir)][-2:] == [8, 12]
+    assert [step for step, _ in complete_checkpoints(run_dir)] == [8, 12, 999_999_999]  # the planted one stays
+    assert not list(run_dir.glob("checkpoints/.*universal*"))
 
 
 @pytest.mark.slow
@@ -162,7 +174,10 @@ def test_one_rank_continues_on_two_and_a_batch_it_cannot_keep_is_refused(
     assert result.returncode == 0, result.stderr[-3000:]
     assert "train.grad_accum 2 -> 1 keeps 8 crops per update on 2 rank(s)" in result.stdout
     assert "elastic resume from 1 rank(s) x 1 loader worker(s)" in result.stdout
-    assert [entry["step"] for entry in read_metrics(run_dir)] == list(range(1, 9))
+    losses = [entry["loss"] for entry in read_metrics(run_dir)]
+    assert len(losses) == 8
+    assert all(math.isfinite(loss) for loss in losses)
+    assert losses[4] < (losses[0] + losses[3]) / 2, "the two ranks start from the trained weights, not afresh"
     assert checkpoint.read_marker(checkpoint_folder(run_dir, 8))["world_size"] == 2
 
     single = tmp_path / "single"

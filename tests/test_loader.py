@@ -59,10 +59,10 @@ def test_resumed_loader_continues_with_exactly_the_same_samples(shards):
         assert np.array_equal(got.mask.numpy(), expected.mask.numpy())
 
 
-def test_resume_refuses_another_world_size(shards):
+def test_exact_resume_refuses_another_layout(shards):
     state = loader(shards).state_dict()
     other = loader(shards, rank=0, world_size=2, workers=1)
-    with pytest.raises(ValueError, match=r"same seed, world size and data\.workers"):
+    with pytest.raises(ValueError, match=r"same seed, shards, world size and data\.workers continue exactly"):
         other.load_state_dict(state)
 
 
@@ -307,6 +307,11 @@ def test_an_elastic_resume_refuses_states_that_are_not_one_whole_run(shards):
         loader(shards).continue_elastically(states[1:])
     with pytest.raises(ValueError, match=r"data\.seed=3, this run has 4"):
         loader(shards, seed=4).continue_elastically(states)
+    fewer = StreamingLoader(
+        DataConfig(shards=str(shards / "shard-{000000..000005}.tar"), workers=1, seed=3), frames=FRAMES_5S
+    )
+    with pytest.raises(ValueError, match=r"saved reading 8 shards, data\.shards names 6"):
+        fewer.continue_elastically(states)
 
 
 def test_shard_keys_from_tar_headers_equal_a_full_read(shards, tmp_path):

@@ -184,7 +184,7 @@ from trainer.engine import Engine
 
 cfg = load_config(sys.argv[1], sys.argv[2:])
 init_distributed(from_environment(), timeout_s=cfg.train.collective_timeout_s)
-engine = Engine(Music2Vec(cfg.model), cfg)
+engine = Engine(Music2Vec(cfg.model), cfg, world_size=2)
 if os.environ["RANK"] == "1":
     os.kill(os.getpid(), signal.SIGSTOP)
 samples = round(cfg.data.crop_seconds * 16_000)

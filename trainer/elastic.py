@@ -143,6 +143,8 @@ def universal_checkpoint(folder: Path) -> Path:
             ds_to_universal.main(args)
     except Exception as error:  # noqa: BLE001 - the converter asserts, raises KeyError, ValueError ...
         shutil.rmtree(out, ignore_errors=True)
+        if "Weights only load failed" in str(error):
+            raise checkpoint.unreadable(folder, error) from None
         raise checkpoint.CheckpointError(
             f"{folder}: DeepSpeed could not convert it for another world size ({error}); resume with the world"
             f" size that wrote it. Converter output: {chatter.getvalue()[-2000:]}"

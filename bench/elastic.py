@@ -57,8 +57,8 @@ def half_way_states(manifest: Path, old: int, workers: int, records: int) -> lis
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "music2vec-bench-loader"))
-    parser.add_argument("--clips", type=int, default=320, help="30 s demo clips in the shard set")
+    parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "music2vec-bench-elastic"))
+    parser.add_argument("--clips", type=int, default=160, help="30 s demo clips in the shard set")
     parser.add_argument("--old", type=int, default=4, help="ranks that wrote the checkpoint")
     parser.add_argument("--new", type=int, default=2, help="ranks that continue it")
     parser.add_argument("--workers", type=int, default=4, help="loader workers per rank, before and after")

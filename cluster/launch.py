@@ -21,7 +21,7 @@ from cluster.job import TrainingJob
 from cluster.submit import check_submittable, log_folder, scheduler_lines, submit_job
 from data.audio import SAMPLE_RATE
 from data.loader import check_shard_count, shard_urls
-from trainer import elastic, layout
+from trainer import elastic
 from trainer.config import ExperimentConfig, check_run_dir
 from trainer.ds_config import deepspeed_config
 from trainer.layout import JOBS
@@ -74,11 +74,12 @@ def plan_resume(
 ) -> tuple[ExperimentConfig, str | None]:
     """The experiment fitted to the run directory's newest checkpoint (train.grad_accum keeping its global batch on
     this world size), and how the job will resume it, in words; None for a new run."""
-    saved = elastic.newest_layout(run_dir)
-    if saved is None:
+    fitted, change, newest = elastic.fit_to_newest_checkpoint(
+        experiment, run_dir, world_size, allow_batch_change=allow_batch_change
+    )
+    if newest is None:
         return experiment, None
-    fitted, change = elastic.keep_global_batch(experiment, world_size, saved, allow_batch_change=allow_batch_change)
-    step = layout.latest_complete(run_dir)[0]
+    step, saved = newest
     now = elastic.run_layout(fitted, world_size)
     if (saved.world_size, saved.workers) == (now.world_size, now.workers):
         return fitted, f"resume: exact, from step {step} ({saved.describe()})"

@@ -7,19 +7,20 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from probes.datasets import demo, emomusic, giantsteps, gtzan, magnatagatune
+from probes.datasets.files import DatasetError
+from probes.datasets.task_file import load_task_file
 from probes.features import FeaturePrecision, model_folder, task_features
 from probes.head import HeadConfig, best_on_valid, jukemir_grid, lr_sweep
-from probes.tasks import Example, Task
+from probes.tasks import Adapter, Task
 from trainer.layout import step_of
 
-# task name -> (task, the adapter that lists its examples under a data root)
-REGISTRY: dict[str, tuple[Task, Callable[[Task, Path], list[Example]]]] = {
+# task name -> (task, its adapter)
+REGISTRY: dict[str, tuple[Task, Adapter]] = {
     name: (task, dataset.examples)
     for dataset in (demo, magnatagatune, gtzan, giantsteps, emomusic)
     for name, task in dataset.TASKS.items()
@@ -28,6 +29,27 @@ REGISTRY: dict[str, tuple[Task, Callable[[Task, Path], list[Example]]]] = {
 
 def task_names() -> list[str]:
     return sorted(REGISTRY)
+
+
+def known_tasks(task_files: tuple[Path, ...] = ()) -> dict[str, tuple[Task, Adapter]]:
+    """The built-in tasks and those of `task_files`, each file read and checked whole (a mistake raises
+    DatasetError naming the file and line); a file may not reuse a name that is taken."""
+    known = dict(REGISTRY)
+    for path in task_files:
+        task, adapter = load_task_file(path)
+        if task.name in known:
+            raise DatasetError(f"{path}: name {task.name!r} is already a task; set another name: in the file")
+        known[task.name] = (task, adapter)
+    return known
+
+
+def chosen_tasks(tasks: list[str], task_files: tuple[Path, ...]) -> dict[str, tuple[Task, Adapter]]:
+    """`tasks` by name, among the built-in ones and those of `task_files`; a ValueError names the unknown ones."""
+    known = known_tasks(task_files)
+    unknown = sorted(set(tasks) - set(known))
+    if unknown:
+        raise ValueError(f"unknown probe task(s) {unknown}; known: {sorted(known)}, or a --task-file")
+    return {name: known[name] for name in tasks}
 
 
 def checkpoint_step(checkpoint: Path) -> int | None:
@@ -49,18 +71,16 @@ class ProbeSettings:
     layers: tuple[int, ...] | Literal["all"] | None = None
     precision: FeaturePrecision = "fp32"  # bf16: the encoder under bf16 autocast (PROBES.md: what it changes)
     progress: bool = True
+    task_files: tuple[Path, ...] = ()  # tasks of one's own (probes.datasets.task_file), beside the built-in ones
 
 
 def probe(checkpoint: Path, tasks: list[str], settings: ProbeSettings) -> list[dict[str, Any]]:
     """One row per (task, layer, seed, metric) on the test split, in the order of `tasks` and `settings.seeds`."""
-    unknown = sorted(set(tasks) - set(REGISTRY))
-    if unknown:
-        raise ValueError(f"unknown probe task(s) {unknown}; known: {task_names()}")
+    chosen = chosen_tasks(tasks, settings.task_files)
     folder = model_folder(checkpoint)
     _check_layers(settings.layers, folder)
     rows = []
-    for name in tasks:
-        task, adapter = REGISTRY[name]
+    for name, (task, adapter) in chosen.items():
         examples = adapter(task, Path(settings.data_root))
         features = task_features(
             folder, task, examples, cache=settings.cache, precision=settings.precision, progress=settings.progress

@@ -7,6 +7,7 @@ early stopping and the LR schedule, and is the one reported first.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -45,3 +46,6 @@ class Task:
     @property
     def outputs(self) -> int:
         return len(self.labels)
+
+
+Adapter = Callable[[Task, Path], list[Example]]  # lists a task's examples under a data root

@@ -1,6 +1,7 @@
 """Shared fixtures: a small corpus of real audio files, shards written from it by the project's writer, demo music,
 and one training rank in this process."""
 
+import csv
 import os
 import shutil
 import signal
@@ -148,3 +149,26 @@ def partitions() -> list[str]:
     """The local cluster's partitions, the default one marked with *."""
     listed = subprocess.run(["sinfo", "--noheader", "-o", "%P"], capture_output=True, text=True, check=True)
     return listed.stdout.split()
+
+
+PROBE_TASK_EXAMPLE = Path(__file__).resolve().parent / "probe_task"  # a task file of one's own
+
+
+def melody(register: str, seed: int, seconds: float = 3.0) -> np.ndarray:
+    """Notes of a random melody, two octaves apart between the registers."""
+    rng = np.random.default_rng(seed)
+    base = 110.0 if register == "low" else 440.0
+    notes = base * 2 ** (rng.integers(0, 12, size=6) / 12)
+    t = np.arange(int(seconds * 16_000 / len(notes))) / 16_000
+    return np.concatenate([0.3 * np.sin(2 * np.pi * f * t) for f in notes]).astype(np.float32)
+
+
+@pytest.fixture
+def task_dir(tmp_path) -> Path:
+    """The shipped example of a probe task file (tests/probe_task), with the clips its table lists."""
+    folder = Path(shutil.copytree(PROBE_TASK_EXAMPLE, tmp_path / "probe_task"))
+    with (folder / "register.csv").open() as table:
+        for seed, row in enumerate(csv.DictReader(table)):
+            (folder / row["audio"]).parent.mkdir(exist_ok=True)
+            sf.write(folder / row["audio"], melody(row["label"], seed), 16_000)
+    return folder

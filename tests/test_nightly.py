@@ -172,3 +172,30 @@ def test_a_filesystem_without_flock_is_named_with_what_to_do(run_dir, probe_data
     lock = run_dir / "probes" / "nightly.lock"
     assert f"{lock}: cannot be locked (No locks available): this filesystem does not support flock" in result.stderr
     assert "1 run(s) failed" in result.stderr
+
+
+def test_nightly_probes_a_task_file_and_refuses_a_broken_one_before_queueing(run_dir, cache, task_dir, capsys):
+    register = str(task_dir / "register.yaml")
+    assert main(["nightly", str(run_dir), "--task-file", register, "--seeds", "0", "--cache-dir", str(cache)]) == 0
+    rows = read_results(run_dir)
+    assert {(row["task"], row["metric"], row["step"]) for row in rows} == {
+        ("register", "accuracy", 3),
+        ("register", "accuracy", 6),
+    }
+    tensorboard = EventAccumulator(str(run_dir / "tb"))
+    tensorboard.Reload()
+    assert [event.step for event in tensorboard.Scalars("probe/register/accuracy")] == [3, 6]
+    assert "## register" in (run_dir / "probes" / "report.md").read_text()
+
+    other = Path(
+        shutil.copytree(
+            run_dir, run_dir.with_name("untouched"), symlinks=True, ignore=shutil.ignore_patterns("probes")
+        )
+    )
+    (task_dir / "register.yaml").write_text((task_dir / "register.yaml").read_text().replace("multiclass", "classes"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(["nightly", str(other), "--task-file", register, "--executor", "local", "--gpus", "0"])
+    assert exited.value.code == 2
+    assert "register.yaml: kind: 'classes' is not one of" in capsys.readouterr().err
+    assert not (other / "probes").exists()  # nothing queued, nothing written

@@ -165,9 +165,7 @@ def save_rank_state(folder: Path, rank: int, state: dict[str, Any]) -> None:
 def load_rank_state(folder: Path, rank: int) -> dict[str, Any]:
     path = rank_file(folder, rank)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: this checkpoint was written by fewer ranks; resume with the world size that wrote it"
-        )
+        raise CheckpointError(f"{path}: missing: every rank that wrote the checkpoint leaves its data position there")
     # weights_only: plain containers, numbers and tensors; nothing in a checkpoint may run code when loaded
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

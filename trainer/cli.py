@@ -203,7 +203,8 @@ def _probe(args: argparse.Namespace) -> int:
     from data import jsonlines
     from probes.probe import probe, summary_table
 
-    rows = probe(Path(args.checkpoint), args.tasks, _probe_settings(args))
+    settings = _probe_settings(args)
+    rows = probe(Path(args.checkpoint), _probe_tasks(args, settings), settings)
     print(summary_table(rows), end="")
     if args.out:
         jsonlines.append(Path(args.out), rows)
@@ -219,7 +220,8 @@ def _nightly(args: argparse.Namespace) -> int:
     if args.every:
         raise ValueError(EVERY_NEEDS_SLURM)
     run_dirs = [Path(run_dir) for run_dir in args.run_dirs]
-    outcomes = nightly_runs(run_dirs, args.tasks, _probe_settings(args))
+    settings = _probe_settings(args)
+    outcomes = nightly_runs(run_dirs, _probe_tasks(args, settings), settings)
     return _report_nightly(outcomes)
 
 
@@ -257,7 +259,7 @@ def _submit_nightly(args: argparse.Namespace) -> int:
     )
     schedule = NightlySchedule(
         run_dirs=tuple(Path(run_dir).resolve() for run_dir in args.run_dirs),
-        tasks=tuple(args.tasks),
+        tasks=tuple(_probe_tasks(args, settings)),
         settings=replace(
             settings,
             data_root=settings.data_root.resolve(),
@@ -293,7 +295,21 @@ def _probe_settings(args: argparse.Namespace) -> Any:
         layers=_layers(getattr(args, "layers", None)),
         precision=args.precision,
         progress=sys.stderr.isatty(),  # a bar on a terminal; nothing in a job's log
+        task_files=tuple(Path(path).resolve() for path in args.task_file or ()),
     )
+
+
+def _probe_tasks(args: argparse.Namespace, settings: Any) -> list[str]:
+    """--tasks, then the tasks of the --task-file files, which are read and checked whole here: a mistake in one
+    stops the command before any job is queued or feature extracted."""
+    from probes.probe import known_tasks, task_names
+
+    builtin, given = set(task_names()), list(args.tasks or [])
+    from_files = [name for name in known_tasks(settings.task_files) if name not in builtin]
+    tasks = given + [name for name in from_files if name not in given]
+    if not tasks:
+        raise ValueError("nothing to probe: give --tasks (built-in tasks) or --task-file (a task of your own)")
+    return tasks
 
 
 def _layers(given: list[str] | None) -> tuple[int, ...] | Literal["all"] | None:
@@ -452,7 +468,14 @@ def _add_slurm_resources(parser: argparse.ArgumentParser, *, time_help: str) -> 
 
 def _add_probe_settings(parser: argparse.ArgumentParser) -> None:
     """What `probe` and `nightly` share: tasks, datasets, seeds, the feature cache, feature scaling."""
-    parser.add_argument("--tasks", nargs="+", required=True, metavar="TASK", help="e.g. demo_key demo_tempo")
+    parser.add_argument("--tasks", nargs="+", metavar="TASK", help="built-in tasks, e.g. demo_key demo_tempo")
+    parser.add_argument(
+        "--task-file",
+        nargs="+",
+        action="extend",
+        metavar="YAML",
+        help="a task of your own: a YAML naming its kind, labels, metric and a CSV/JSONL of examples (PROBES.md)",
+    )
     parser.add_argument("--data-root", default="data/probes", help="where the datasets live (default: %(default)s)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="one head per seed (default: 0)")
     parser.add_argument("--cache-dir", help="feature cache (default: ~/.cache/music2vec/features)")

@@ -59,12 +59,27 @@ def checkpoint_layout(folder: Path) -> Layout:
     return run_layout(checkpoint.saved_config(folder), checkpoint.read_marker(folder)["world_size"])
 
 
-def newest_layout(run_dir: Path) -> Layout | None:
-    """The layout of the newest complete checkpoint that says what it was; None for a new run."""
-    for _, folder in reversed(layout.complete_checkpoints(run_dir)):
+def newest_layout(run_dir: Path) -> tuple[int, Layout] | None:
+    """The step and layout of the newest complete checkpoint that says what it was; None for a new run."""
+    for step, folder in reversed(layout.complete_checkpoints(run_dir)):
         with contextlib.suppress(checkpoint.CheckpointError):
-            return checkpoint_layout(folder)
+            return step, checkpoint_layout(folder)
     return None
+
+
+def fit_to_newest_checkpoint(
+    cfg: ExperimentConfig, run_dir: Path, world_size: int, *, allow_batch_change: bool
+) -> tuple[ExperimentConfig, str | None, tuple[int, Layout] | None]:
+    """`keep_global_batch` against the run directory's newest complete checkpoint: the fitted config, the change in
+    words, and the checkpoint's step and layout (None for a new run). A refusal names the run directory."""
+    newest = newest_layout(run_dir)
+    if newest is None:
+        return cfg, None, None
+    try:
+        fitted, change = keep_global_batch(cfg, world_size, newest[1], allow_batch_change=allow_batch_change)
+    except ValueError as error:
+        raise ValueError(f"{run_dir}: {error}") from None
+    return fitted, change, newest
 
 
 def keep_global_batch(
@@ -96,17 +111,18 @@ def keep_global_batch(
 
 def batch_change_refusal(cfg: ExperimentConfig, world_size: int, saved: Layout) -> str:
     target = saved.crops_per_update
-    keeping = [
-        ranks
-        for ranks in range(1, 4 * max(world_size, saved.world_size) + 1)
-        if target % (cfg.data.batch_size * ranks) == 0
-    ]
+    candidates = range(1, 4 * max(world_size, saved.world_size) + 1)
+    keeping = [str(ranks) for ranks in candidates if target % (cfg.data.batch_size * ranks) == 0]
+    where = (
+        f"Resume on a world size that keeps it ({', '.join(keeping)})"
+        if keeping
+        else f"No world size keeps it at data.batch_size={cfg.data.batch_size}"
+    )
     return (
-        f"the checkpoint trained {target} crops per update ({saved.describe()}); {world_size} rank(s) x"
+        f"its newest checkpoint trained {target} crops per update ({saved.describe()}); {world_size} rank(s) x"
         f" data.batch_size={cfg.data.batch_size} x train.grad_accum={cfg.train.grad_accum} would make"
         f" {cfg.data.batch_size * cfg.train.grad_accum * world_size}, and no train.grad_accum keeps {target} on"
-        f" {world_size} rank(s). Resume on a world size that keeps it ({', '.join(map(str, keeping))}), or pass"
-        " --allow-batch-change to go on with another global batch"
+        f" {world_size} rank(s). {where}, or pass --allow-batch-change to go on with another global batch"
     )
 
 

@@ -297,10 +297,9 @@ def fit_to_checkpoint(
 ) -> ExperimentConfig:
     """`cfg` with the train.grad_accum that keeps the newest checkpoint's global batch on this world size (see
     `elastic.keep_global_batch`); rank 0 says what changed."""
-    saved = elastic.newest_layout(run_dir)
-    if saved is None:
-        return cfg
-    fitted, change = elastic.keep_global_batch(cfg, world_size, saved, allow_batch_change=allow_batch_change)
+    fitted, change, _ = elastic.fit_to_newest_checkpoint(
+        cfg, run_dir, world_size, allow_batch_change=allow_batch_change
+    )
     if change and rank == 0:
         print(f"{run_dir}: {change}", flush=True)
     return fitted

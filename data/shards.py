@@ -9,19 +9,19 @@ sorted and keys derive from their paths, the result is identical to an uninterru
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import itertools
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Self
 
 import numpy as np
 import soundfile as sf
@@ -358,24 +358,95 @@ def processed_in_order(todo: list[tuple[int, str, str, ShardParams]], *, jobs: i
     if jobs <= 1:
         yield from map(process_file, todo)
         return
-    context = multiprocessing.get_context("spawn")
-    others = set(multiprocessing.active_children())  # the caller's own child processes, if any
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker) as pool:
-        waiting = iter(todo)
-        in_flight = deque((pool.submit(process_file, job), job[1]) for job in itertools.islice(waiting, 2 * jobs))
-        while in_flight:
-            future = in_flight[0][0]
-            try:
-                result = future.result()
-            except BrokenProcessPool:
-                # The pool ends its other workers with SIGTERM, which they ignore (see _start_worker): one blocked
-                # writing a result nobody reads would then never end, and neither would the pool's shutdown.
-                for worker in set(multiprocessing.active_children()) - others:
-                    worker.kill()
-                raise WorkerDiedError(_worker_died([path for _, path in in_flight])) from None
-            in_flight.popleft()
-            in_flight.extend((pool.submit(process_file, job), job[1]) for job in itertools.islice(waiting, 1))
-            yield result
+    with _Decoders(jobs) as decoders:
+        waiting = iter(enumerate(todo))
+        finished: dict[int, FileResult] = {}
+        for position in range(len(todo)):
+            decoders.assign(waiting)
+            while position not in finished:
+                finished.update(decoders.collect())
+            yield finished.pop(position)
+
+
+class _Decoders:
+    """Decoding processes, each fed through a pipe of its own: its results come back in the order of its jobs, and
+    its death shows at once as the end of that pipe (a shared pool's queues hide it: concurrent.futures could wait
+    forever for a result when one of its processes was killed mid-message, or ignored its SIGTERM)."""
+
+    AHEAD = 2  # jobs sent to a process before its first result is back
+
+    def __init__(self, count: int) -> None:
+        context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
+        self.pipes, self.processes = [], []
+        for _ in range(count):
+            ours, theirs = context.Pipe()
+            process = context.Process(target=_decode_jobs, args=(theirs,), daemon=True)
+            process.start()
+            theirs.close()  # the process's end lives in the process alone: its death ends the pipe
+            self.pipes.append(ours)
+            self.processes.append(process)
+        self.outstanding: list[deque[tuple[int, str]]] = [deque() for _ in range(count)]  # (position, path)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for pipe, process, outstanding in zip(self.pipes, self.processes, self.outstanding, strict=True):
+            if outstanding or not process.is_alive():
+                process.kill()  # stopped early: what it was decoding is not needed
+            else:
+                with contextlib.suppress(OSError):
+                    pipe.send(None)
+            process.join()
+            pipe.close()
+
+    def assign(self, waiting: Iterator[tuple[int, tuple[int, str, str, ShardParams]]]) -> None:
+        """Give each process jobs until it has AHEAD outstanding (or none are left)."""
+        for worker, outstanding in enumerate(self.outstanding):
+            for position, job in itertools.islice(waiting, self.AHEAD - len(outstanding)):
+                self.pipes[worker].send(job)
+                outstanding.append((position, job[1]))
+
+    def collect(self) -> dict[int, FileResult]:
+        """The results that are ready (waiting for one), by position; WorkerDiedError when a process died."""
+        busy = [worker for worker, outstanding in enumerate(self.outstanding) if outstanding]
+        watched = [self.pipes[worker] for worker in busy] + [self.processes[worker].sentinel for worker in busy]
+        ready = set(multiprocessing.connection.wait(watched))
+        results = {}
+        for worker in busy:
+            if self.pipes[worker] in ready:
+                results.update(self._receive(worker))
+            elif self.processes[worker].sentinel in ready:
+                raise self._died()
+        return results
+
+    def _receive(self, worker: int) -> dict[int, FileResult]:
+        try:
+            outcome, value = self.pipes[worker].recv()
+        except (EOFError, OSError):  # the process died, maybe halfway through sending
+            raise self._died() from None
+        position, _ = self.outstanding[worker].popleft()
+        if outcome == "error":
+            raise value
+        return {position: value}
+
+    def _died(self) -> WorkerDiedError:
+        in_flight = sorted(entry for outstanding in self.outstanding for entry in outstanding)
+        return WorkerDiedError(_worker_died([path for _, path in in_flight]))
+
+
+def _decode_jobs(pipe: multiprocessing.connection.Connection) -> None:
+    """A decoding process: jobs in, results out, until told to stop (None) or the pipe ends."""
+    _start_worker()
+    while (job := pipe.recv()) is not None:
+        pipe.send(_outcome(job))
+
+
+def _outcome(job: tuple[int, str, str, ShardParams]) -> tuple[str, Any]:
+    try:
+        return "result", process_file(job)
+    except Exception as error:  # noqa: BLE001 - the writer re-raises it as it would its own
+        return "error", error
 
 
 def _check_stop(stop: Callable[[], bool], out: Path, next_path: str) -> None:

@@ -3,6 +3,9 @@
     RUN_DIR/probes/results.jsonl   one line per (checkpoint, task, seed, metric), append-only
     RUN_DIR/probes/report.md       each task's metrics against training step, with the published references
     RUN_DIR/tb/                    probe/<task>/<metric> scalars at the checkpoint's step, beside the loss curves
+                                   (probe/<task>/layerNN/<metric> for a probe of one hidden state)
+    RUN_DIR/probes/random_init/    with ProbeSettings.random_init: the model before its first update, probed as
+                                   step 0, the report's reference line
 
 Idempotent: what results.jsonl already holds is never probed again, so a second run right after does nothing and
 a run after a crash finishes only what is missing. A lock file keeps two jobs off one run directory.
@@ -11,6 +14,7 @@ a run after a crash finishes only what is missing. A lock file keeps two jobs of
 from __future__ import annotations
 
 import fcntl
+import shutil
 import statistics
 import sys
 from collections.abc import Iterator
@@ -19,16 +23,23 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from data import jsonlines
-from probes.probe import REGISTRY, ProbeSettings, probe
+from model import Music2Vec, save_hf
+from probes.features import model_folder
+from probes.probe import REGISTRY, ProbeSettings, probe, probed_layers
+from trainer.config import load_config
 from trainer.layout import (
     COMPLETE,
     CONFIG,
     NIGHTLY_LOCK,
+    PROBE_RANDOM_INIT,
     PROBE_REPORT,
     PROBE_RESULTS,
     TENSORBOARD,
     complete_checkpoints,
+    tag,
 )
 
 
@@ -45,11 +56,16 @@ def nightly(run_dir: Path, tasks: list[str], settings: ProbeSettings) -> list[di
     new_rows: list[dict[str, Any]] = []
     scalars = _ProbeScalars(run_dir)
     with _locked(run_dir / NIGHTLY_LOCK):
-        done = {(row["step"], row["task"], row["seed"]) for row in read_results(run_dir)}
+        done = {(row["step"], row["task"], row["seed"], _layer(row)) for row in read_results(run_dir)}
         try:
-            for step, folder in complete_checkpoints(run_dir):
+            for step, folder in _models(run_dir, settings):
+                layers = _expected_layers(settings, folder)
                 for task in tasks:
-                    missing = tuple(seed for seed in settings.seeds if (step, task, seed) not in done)
+                    missing = tuple(
+                        seed
+                        for seed in settings.seeds
+                        if any((step, task, seed, layer) not in done for layer in layers)
+                    )
                     if not missing:
                         continue
                     rows = _probe_unless_pruned(folder, task, replace(settings, seeds=missing))
@@ -64,13 +80,51 @@ def nightly(run_dir: Path, tasks: list[str], settings: ProbeSettings) -> list[di
     return new_rows
 
 
+def _models(run_dir: Path, settings: ProbeSettings) -> list[tuple[int, Path]]:
+    """(step, folder) of what to probe: the random init as step 0 if asked for, then every complete checkpoint."""
+    first = [(0, random_init_export(run_dir))] if settings.random_init else []
+    return first + complete_checkpoints(run_dir)
+
+
+def random_init_export(run_dir: Path) -> Path:
+    """The run's model as training built it, before its first update (the trainer seeds torch with train.seed, then
+    builds the model), exported once under probes/random_init/."""
+    folder = run_dir / PROBE_RANDOM_INIT / tag(0)
+    if not (folder / "model.safetensors").is_file():
+        cfg = load_config(run_dir / CONFIG)
+        partial = folder.with_name(f".{folder.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        with torch.random.fork_rng():  # the caller's random state stays as it was
+            torch.manual_seed(cfg.train.seed)
+            save_hf(Music2Vec(cfg.model).encoder, partial)
+        partial.rename(folder)
+    return folder
+
+
+def _expected_layers(settings: ProbeSettings, folder: Path) -> list[int | None]:
+    """The hidden states a probe of `folder` covers; for 'all' read from its model, unless training pruned it."""
+    try:
+        return probed_layers(settings.layers, model_folder(folder))
+    except (OSError, ValueError):
+        return [None]  # pruned: `_probe_unless_pruned` says so
+
+
+def _layer(row: dict[str, Any]) -> int | None:
+    return row.get("head", {}).get("layer")
+
+
+def _present(folder: Path) -> bool:
+    """A checkpoint still COMPLETE, or the random init's export."""
+    return (folder / COMPLETE).is_file() or (folder / "model.safetensors").is_file()
+
+
 def _probe_unless_pruned(folder: Path, task: str, settings: ProbeSettings) -> list[dict[str, Any]] | None:
     """The task's rows, or None when training pruned the checkpoint before or while it was read."""
     try:
-        if (folder / COMPLETE).is_file():
+        if _present(folder):
             return probe(folder, [task], settings)
     except Exception as error:
-        if (folder / COMPLETE).is_file():  # still there: the failure is the checkpoint's or the task's
+        if _present(folder):  # still there: the failure is the checkpoint's or the task's
             raise RuntimeError(f"probing {folder} on {task}: {type(error).__name__}: {error}") from error
     print(
         f"{folder}: skipped, pruned by its training run (train.keep_last) before it could be probed; probe more"
@@ -108,7 +162,7 @@ def read_results(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _identity(row: dict[str, Any]) -> tuple[Any, ...]:
-    return (row.get("step"), row.get("task"), row.get("seed"), row.get("metric"), row.get("head", {}).get("layer"))
+    return (row.get("step"), row.get("task"), row.get("seed"), row.get("metric"), _layer(row))
 
 
 @contextmanager
@@ -143,8 +197,8 @@ class _ProbeScalars:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.run_dir / TENSORBOARD))
-        for (task, metric), values in _by_metric(rows).items():
-            self.writer.add_scalar(f"probe/{task}/{metric}", statistics.mean(values), step)
+        for (task, layer, metric), values in _by_metric(rows).items():
+            self.writer.add_scalar(scalar_tag(task, layer, metric), statistics.mean(values), step)
         self.writer.flush()
 
     def close(self) -> None:
@@ -152,38 +206,25 @@ class _ProbeScalars:
             self.writer.close()
 
 
-def _by_metric(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[float]]:
-    grouped: dict[tuple[str, str], list[float]] = {}
+def scalar_tag(task: str, layer: int | None, metric: str) -> str:
+    return f"probe/{task}/{metric}" if layer is None else f"probe/{task}/layer{layer:02d}/{metric}"
+
+
+def _by_metric(rows: list[dict[str, Any]]) -> dict[tuple[str, int | None, str], list[float]]:
+    """Values by (task, layer, metric), over seeds."""
+    grouped: dict[tuple[str, int | None, str], list[float]] = {}
     for row in rows:
-        grouped.setdefault((row["task"], row["metric"]), []).append(row["value"])
+        grouped.setdefault((row["task"], _layer(row), row["metric"]), []).append(row["value"])
     return grouped
 
 
 def write_report(run_dir: Path) -> Path:
-    """probes/report.md: per task and metric, the mean over seeds at every probed step, and the published values."""
+    """probes/report.md: per task, the mean over seeds of every metric at every probed step (step 0: the random
+    init, when probed), by hidden state when one was probed alone, and the published values."""
     rows = read_results(run_dir)
     lines = [f"# Probes of {run_dir.name}", "", "Test scores, mean ± std over seeds, by training step.", ""]
-    tasks = sorted({row["task"] for row in rows})
-    for task in tasks:
-        models = list(REGISTRY[task][0].references) if task in REGISTRY else []
-        lines += [
-            f"## {task}",
-            "",
-            "| step | metric | score | seeds |" + "".join(f" {model} (published) |" for model in models),
-            "|---|---|---|---|" + "---|" * len(models),
-        ]
-        by_step: dict[tuple[int, str], list[float]] = {}
-        for row in rows:
-            if row["task"] == task:
-                by_step.setdefault((row["step"], row["metric"]), []).append(row["value"])
-        for (step, metric), values in sorted(by_step.items()):
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            known = _published(task, metric)
-            published = "".join(f" {known[model]:.3f} |" if model in known else " - |" for model in models)
-            lines.append(
-                f"| {step} | {metric} | {statistics.mean(values):.4f} ± {spread:.4f} | {len(values)} |{published}"
-            )
-        lines.append("")
+    for task in sorted({row["task"] for row in rows}):
+        lines += _task_table(task, [row for row in rows if row["task"] == task])
     path = run_dir / PROBE_REPORT
     partial = path.with_suffix(".partial")
     partial.write_text("\n".join(lines) + "\n")
@@ -193,6 +234,33 @@ def write_report(run_dir: Path) -> Path:
     return path
 
 
+def _task_table(task: str, rows: list[dict[str, Any]]) -> list[str]:
+    models = list(REGISTRY[task][0].references) if task in REGISTRY else []
+    layered = any(_layer(row) is not None for row in rows)
+    layer_column = " layer |" if layered else ""
+    lines = [
+        f"## {task}",
+        "",
+        f"| step |{layer_column} metric | score | seeds |" + "".join(f" {model} (published) |" for model in models),
+        "|---|" + "---|" * layered + "---|---|---|" + "---|" * len(models),
+    ]
+    by_key: dict[tuple[int, int, str], list[float]] = {}
+    for row in rows:
+        layer = _layer(row)
+        by_key.setdefault((row["step"], -1 if layer is None else layer, row["metric"]), []).append(row["value"])
+    for (step, layer, metric), values in sorted(by_key.items()):
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        known = _published(task, metric)
+        published = "".join(f" {known[model]:.3f} |" if model in known else " - |" for model in models)
+        shown_step = "0 (random init)" if step == 0 else str(step)
+        shown_layer = (" weighted |" if layer < 0 else f" {layer} |") if layered else ""
+        mean = statistics.mean(values)
+        lines.append(
+            f"| {shown_step} |{shown_layer} {metric} | {mean:.4f} ± {spread:.4f} | {len(values)} |{published}"
+        )
+    return [*lines, ""]
+
+
 def _published(task: str, metric: str) -> dict[str, float]:
     """model -> published test score of a task's metric (none for the demo tasks)."""
     references = REGISTRY[task][0].references if task in REGISTRY else {}
@@ -200,8 +268,9 @@ def _published(task: str, metric: str) -> dict[str, float]:
 
 
 def plot_report(rows: list[dict[str, Any]], path: Path) -> None:
-    """Each task's primary metric, and every metric with a published value, against training step (mean and
-    spread over seeds); the published values are dashed lines."""
+    """Each task's primary metric, and every metric with a published value, against training step (mean and spread
+    over seeds; a line per probed hidden state); the published values dashed, the random init (step 0) dotted. A
+    task probed layer by layer gets a panel of its layer-wise curve at the newest step."""
     import matplotlib as mpl
 
     mpl.use("Agg")  # files only: the nightly job has no display
@@ -210,22 +279,54 @@ def plot_report(rows: list[dict[str, Any]], path: Path) -> None:
     panels = sorted(
         {(row["task"], row["metric"]) for row in rows if row["primary"] or _published(row["task"], row["metric"])}
     )
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
-    for axis, (task, metric) in zip(axes[0], panels, strict=True):
-        by_step: dict[int, list[float]] = {}
-        for row in rows:
-            if (row["task"], row["metric"]) == (task, metric):
-                by_step.setdefault(row["step"], []).append(row["value"])
-        steps = sorted(by_step)
-        means = [statistics.mean(by_step[step]) for step in steps]
-        spreads = [statistics.stdev(by_step[step]) if len(by_step[step]) > 1 else 0.0 for step in steps]
-        axis.errorbar(steps, means, yerr=spreads, marker="o", capsize=3, label="this run")
-        for (model, value), color in zip(_published(task, metric).items(), ("gray", "black"), strict=False):
-            axis.axhline(value, linestyle="--", color=color, label=f"{model} (published)")
-        axis.set(title=task, xlabel="training step", ylabel=metric)
-        axis.legend(fontsize="small")
+    layered = sorted({row["task"] for row in rows if row["primary"] and _layer(row) is not None})
+    count = len(panels) + len(layered)
+    figure, axes = plt.subplots(1, count, figsize=(4.5 * count, 3.5), squeeze=False)
+    for axis, (task, metric) in zip(axes[0], panels, strict=False):
+        _plot_against_step(axis, [row for row in rows if (row["task"], row["metric"]) == (task, metric)], task, metric)
+    for axis, task in zip(axes[0][len(panels) :], layered, strict=True):
+        _plot_against_layer(axis, [row for row in rows if row["task"] == task and row["primary"]], task)
     figure.tight_layout()
     partial = path.with_suffix(".partial.png")
     figure.savefig(partial, dpi=100)
     plt.close(figure)
     partial.rename(path)
+
+
+def _means(rows: list[dict[str, Any]], key: Any) -> tuple[list[Any], list[float], list[float]]:
+    """(keys in order, means over seeds, spreads) of `rows` grouped by `key(row)`."""
+    grouped: dict[Any, list[float]] = {}
+    for row in rows:
+        grouped.setdefault(key(row), []).append(row["value"])
+    keys = sorted(grouped)
+    spreads = [statistics.stdev(grouped[k]) if len(grouped[k]) > 1 else 0.0 for k in keys]
+    return keys, [statistics.mean(grouped[k]) for k in keys], spreads
+
+
+def _plot_against_step(axis: Any, rows: list[dict[str, Any]], task: str, metric: str) -> None:
+    for layer in sorted({_layer(row) for row in rows}, key=lambda layer: -1 if layer is None else layer):
+        of_layer = [row for row in rows if _layer(row) == layer]
+        steps, means, spreads = _means([row for row in of_layer if row["step"] > 0], lambda row: row["step"])
+        label = "this run" if layer is None else f"layer {layer}"
+        if steps:
+            axis.errorbar(steps, means, yerr=spreads, marker="o", capsize=3, label=label)
+        random_init = [row["value"] for row in of_layer if row["step"] == 0]
+        if random_init and layer is None:
+            axis.axhline(statistics.mean(random_init), linestyle=":", color="tab:red", label="random init")
+    for (model, value), color in zip(_published(task, metric).items(), ("gray", "black"), strict=False):
+        axis.axhline(value, linestyle="--", color=color, label=f"{model} (published)")
+    axis.set(title=task, xlabel="training step", ylabel=metric)
+    axis.legend(fontsize="small")
+
+
+def _plot_against_layer(axis: Any, rows: list[dict[str, Any]], task: str) -> None:
+    layered = [row for row in rows if _layer(row) is not None]
+    newest = max(row["step"] for row in layered)
+    for step in (newest, 0) if newest else (0,):
+        layers, means, spreads = _means([row for row in layered if row["step"] == step], _layer)
+        style = {"marker": "o", "label": f"step {step}"} if step else {"linestyle": ":", "color": "tab:red"}
+        if layers:
+            axis.errorbar(layers, means, yerr=spreads, capsize=3, **({"label": "random init"} | style))
+    xlabel = "hidden state (0: the transformer's input)"
+    axis.set(title=f"{task}: by hidden state", xlabel=xlabel, ylabel=rows[0]["metric"])
+    axis.legend(fontsize="small")

@@ -72,6 +72,7 @@ class ProbeSettings:
     precision: FeaturePrecision = "fp32"  # bf16: the encoder under bf16 autocast (PROBES.md: what it changes)
     progress: bool = True
     task_files: tuple[Path, ...] = ()  # tasks of one's own (probes.datasets.task_file), beside the built-in ones
+    random_init: bool = False  # nightly: also the run's model before its first update (step 0), as a reference
 
 
 def probe(checkpoint: Path, tasks: list[str], settings: ProbeSettings) -> list[dict[str, Any]]:
@@ -120,6 +121,15 @@ def _check_finite(rows: list[dict[str, Any]]) -> None:
         )
 
 
+def probed_layers(layers: tuple[int, ...] | Literal["all"] | None, folder: Path) -> list[int | None]:
+    """The hidden states a probe of the model in `folder` has a head for (None: learned weights over them all)."""
+    return _layers(layers, hidden_states=_hidden_states(folder))
+
+
+def _hidden_states(folder: Path) -> int:
+    return json.loads((folder / "config.json").read_text())["num_hidden_layers"] + 1
+
+
 def _layers(layers: tuple[int, ...] | Literal["all"] | None, *, hidden_states: int) -> list[int | None]:
     if layers is None:
         return [None]
@@ -129,7 +139,7 @@ def _layers(layers: tuple[int, ...] | Literal["all"] | None, *, hidden_states: i
 def _check_layers(layers: tuple[int, ...] | Literal["all"] | None, folder: Path) -> None:
     """Asked-for hidden states exist: said before any feature is extracted."""
     if isinstance(layers, tuple):
-        hidden_states = json.loads((folder / "config.json").read_text())["num_hidden_layers"] + 1
+        hidden_states = _hidden_states(folder)
         wrong = [layer for layer in layers if not 0 <= layer < hidden_states]
         if wrong:
             raise ValueError(f"layers {wrong}: {folder} has hidden states 0..{hidden_states - 1}")

@@ -199,3 +199,27 @@ def test_nightly_probes_a_task_file_and_refuses_a_broken_one_before_queueing(run
     assert exited.value.code == 2
     assert "register.yaml: kind: 'classes' is not one of" in capsys.readouterr().err
     assert not (other / "probes").exists()  # nothing queued, nothing written
+
+
+def test_nightly_layer_by_layer_with_the_random_init_as_reference(run_dir, probe_data, cache):
+    """--layers and --random-init: rows, TensorBoard scalars and the report keyed by hidden state, step 0 being the
+    run's model before its first update; a second night probes nothing again."""
+    flags = ["--tasks", TASK, "--data-root", str(probe_data), "--seeds", "0", "--cache-dir", str(cache)]
+    assert main(["nightly", str(run_dir), *flags, "--layers", "0", "4", "--random-init"]) == 0
+    rows = read_results(run_dir)
+    assert {(row["step"], row["head"]["layer"]) for row in rows} == {(s, layer) for s in (0, 3, 6) for layer in (0, 4)}
+    init = run_dir / "probes" / "random_init" / "step_000000000"
+    assert {row["checkpoint"] for row in rows if row["step"] == 0} == {str(init)}
+    assert (init / "model.safetensors").is_file()
+
+    tensorboard = EventAccumulator(str(run_dir / "tb"))
+    tensorboard.Reload()
+    assert [event.step for event in tensorboard.Scalars(f"probe/{TASK}/layer04/roc_auc")] == [0, 3, 6]
+    report = (run_dir / "probes" / "report.md").read_text()
+    assert "| step | layer | metric | score | seeds |" in report
+    assert "| 0 (random init) | 4 | roc_auc |" in report
+    assert "| 6 | 0 | roc_auc |" in report
+    assert (run_dir / "probes" / "report.png").read_bytes().startswith(b"\x89PNG")
+
+    assert main(["nightly", str(run_dir), *flags, "--layers", "0", "4", "--random-init"]) == 0
+    assert read_results(run_dir) == rows  # nothing probed twice

@@ -296,6 +296,7 @@ def _probe_settings(args: argparse.Namespace) -> Any:
         precision=args.precision,
         progress=sys.stderr.isatty(),  # a bar on a terminal; nothing in a job's log
         task_files=tuple(Path(path).resolve() for path in args.task_file or ()),
+        random_init=getattr(args, "random_init", False),
     )
 
 
@@ -486,6 +487,19 @@ def _add_probe_settings(parser: argparse.ArgumentParser) -> None:
         default="fp32",
         help="the encoder's precision when extracting features; bf16 is faster on GPUs (default: %(default)s)",
     )
+    parser.add_argument(
+        "--layers",
+        nargs="+",
+        metavar="N",
+        help="a probe per hidden state, 0 being the transformer's input: indices, or 'all' for a layer-wise curve"
+        " (default: learned weights over 1..L)",
+    )
+    parser.add_argument(
+        "--search",
+        choices=("lr", "jukemir"),
+        help="train several heads and report the best on validation: MARBLE's learning rates 1e-2 ... 1e-4, or"
+        " JukeMIR's 216-head grid",
+    )
 
 
 def _add_probe(commands: Any) -> None:
@@ -497,19 +511,6 @@ def _add_probe(commands: Any) -> None:
     _add_probe_settings(probe)
     probe.add_argument("--lr", type=float, help="the head's learning rate (default: the task's)")
     probe.add_argument("--linear", action="store_true", help="a linear head instead of the 512-unit MLP")
-    probe.add_argument(
-        "--layers",
-        nargs="+",
-        metavar="N",
-        help="a probe per hidden state, 0 being the transformer's input: indices, or 'all' for a layer-wise curve"
-        " (default: learned weights over 1..L)",
-    )
-    probe.add_argument(
-        "--search",
-        choices=("lr", "jukemir"),
-        help="train several heads and report the best on validation: MARBLE's learning rates 1e-2 ... 1e-4, or"
-        " JukeMIR's 216-head grid",
-    )
     probe.add_argument("--out", help="append the result rows to this JSON-lines file")
     probe.set_defaults(run=_probe)
 
@@ -530,6 +531,11 @@ def _add_nightly(commands: Any) -> None:
     nightly.add_argument("--cpus-per-task", type=int, default=8, help="CPUs of the job (default: %(default)s)")
     _add_slurm_resources(nightly, time_help="time limit of one night's job (default: 6:00:00)")
     nightly.add_argument("--wait", action="store_true", help="wait for a SLURM job to finish (local jobs always do)")
+    nightly.add_argument(
+        "--random-init",
+        action="store_true",
+        help="also probe the run's model before its first update (step 0), once: the report's reference line",
+    )
     nightly.set_defaults(run=_nightly)
 
 

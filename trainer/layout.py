@@ -12,7 +12,8 @@ many runs at once.
       exports/step_N/              the Hugging Face model of that checkpoint
       tb/                          TensorBoard: training and probe scalars
       jobs/                        the training jobs' logs, one folder per job
-      probes/                      results.jsonl, report.md, report.png, features' progress, the nightly jobs' logs
+      probes/                      results.jsonl, report.md, report.png, features' progress, the nightly jobs' logs,
+                                   random_init/step_000000000/ (the model before its first update, a reference)
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ PROBE_RESULTS = Path(PROBES) / "results.jsonl"  # a line per (checkpoint, task, 
 PROBE_REPORT = Path(PROBES) / "report.md"  # and report.png beside it
 PROBE_JOBS = Path(PROBES) / JOBS
 NIGHTLY_LOCK = Path(PROBES) / "nightly.lock"
+PROBE_RANDOM_INIT = Path(PROBES) / "random_init"
 COMPLETE = "COMPLETE"  # written last, fsynced: a checkpoint folder without it does not exist
 _STEP_DIR = re.compile(r"step_(\d{9})")
 

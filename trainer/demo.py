@@ -13,15 +13,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from cluster.environment import from_environment, init_distributed
-from data import ShardParams, jsonlines, write_shards
+from data import ShardParams, write_shards
 from data.demo import write_demo_corpus
-from model import Music2Vec, save_hf
 from probes.datasets import demo as demo_tasks
 from probes.nightly import nightly, read_results
-from probes.probe import ProbeSettings, probe
+from probes.probe import ProbeSettings
 from trainer.config import ExperimentConfig, load_config
 from trainer.layout import CHECKPOINTS, EXPORTS, METRICS, PROBE_REPORT, PROBE_RESULTS, TENSORBOARD, latest_complete
 from trainer.metrics import read_metrics
@@ -55,36 +52,34 @@ def run_demo(out: Path, *, clips: int, steps: int, probes: bool = True) -> Path:
         device = train(cfg).device
     report(run_dir, device)
     if probes:
-        report_probes(run_dir, probe_demo(cfg, out))
+        probe_demo(cfg, out)
+        report_probes(run_dir)
     return run_dir
 
 
-def probe_demo(cfg: ExperimentConfig, out: Path) -> list[dict[str, Any]]:
-    """The nightly job on the run (every COMPLETE checkpoint, once), and the same probes of the model as it was
-    before its first update: what pretraining added is the difference."""
+def probe_demo(cfg: ExperimentConfig, out: Path) -> None:
+    """The nightly job on the run: every COMPLETE checkpoint once, and the model as it was before its first update
+    (step 0, the report's reference line): what pretraining added is the difference."""
     settings = ProbeSettings(
-        data_root=out / "probe_data", seeds=PROBE_SEEDS, cache=out / "feature_cache", progress=sys.stderr.isatty()
+        data_root=out / "probe_data",
+        seeds=PROBE_SEEDS,
+        cache=out / "feature_cache",
+        progress=sys.stderr.isatty(),
+        random_init=True,
     )
-    print(f"\nprobing every checkpoint on {', '.join(demo_tasks.TASKS)} ...")
+    print(f"\nprobing every checkpoint and the random init on {', '.join(demo_tasks.TASKS)} ...")
     nightly(Path(cfg.train.run_dir), list(demo_tasks.TASKS), settings)
-    baseline = out / "random_init" / "probes.jsonl"
-    if not baseline.is_file():
-        torch.manual_seed(cfg.train.seed)  # as the trainer seeds it: the model at update 0
-        export = save_hf(Music2Vec(cfg.model).encoder, out / "random_init" / "step_000000000")
-        rows = probe(export, list(demo_tasks.TASKS), settings)
-        jsonlines.rewrite(baseline, rows)
-    return jsonlines.read(baseline)
 
 
-def report_probes(run_dir: Path, random_init: list[dict[str, Any]]) -> None:
-    trained = read_results(run_dir)
-    last = max(row["step"] for row in trained)
+def report_probes(run_dir: Path) -> None:
+    rows = read_results(run_dir)
+    last = max(row["step"] for row in rows)
     print(f"\nprobes on the demo tasks' test clips, mean ± std over {len(PROBE_SEEDS)} seeds")
     print(f"  {'task':<18} {'metric':<16} {f'update {last}':>16} {'random init':>16}")
     for task in demo_tasks.TASKS:
         metric = demo_tasks.TASKS[task].monitor
-        pretrained = mean_and_spread(trained, task, metric, step=last)
-        untrained = mean_and_spread(random_init, task, metric, step=0)
+        pretrained = mean_and_spread(rows, task, metric, step=last)
+        untrained = mean_and_spread(rows, task, metric, step=0)
         print(f"  {task:<18} {metric:<16} {pretrained:>16} {untrained:>16}")
     print(f"  results     {run_dir / PROBE_RESULTS}")
     print(f"  report      {run_dir / PROBE_REPORT} and report.png; probe/<task>/<metric> in TensorBoard")

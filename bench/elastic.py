@@ -8,7 +8,7 @@ audio) instead of reading the shards whole as the exact resume's replay does. Th
 - the whole plan, `continue_elastically`, for a run of `--old` ranks x `--workers` workers stopped half-way through
   its first epoch, continued on `--new` ranks (one new rank's share; every rank computes the same plan).
 
-Shards are written once from procedural demo music into --cache. The files are in the page cache after the first
+Shards are written once from demo music into --cache. The files are in the page cache after the first
 pass, so the full read is measured at its fastest; on a network filesystem the gap is wider.
 
     python bench/elastic.py

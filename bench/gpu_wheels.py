@@ -37,6 +37,16 @@ CARRIED = (
     "pycparser",
     "mir_eval",
     "decorator",
+    "music21",
+    "chardet",
+    "jsonpickle",
+    "more-itertools",
+    "webcolors",
+    "requests",
+    "charset-normalizer",
+    "idna",
+    "urllib3",
+    "certifi",
 )
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "linux_x86_64")
 

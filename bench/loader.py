@@ -3,7 +3,7 @@
 Both passes read the same shards in one process (one worker's work, no DataLoader processes) and count seconds of
 *clip* audio they get through per second of wall time. The loader pass also reads the tar, shuffles, normalises
 each clip, cuts `crops_per_clip` crops, stacks batches and draws span masks; the goal is at least 0.8 of the
-decode-only rate. Shards are written once from procedural demo music into --cache.
+decode-only rate. Shards are written once from demo music into --cache.
 
     python bench/loader.py
 """

@@ -18,7 +18,7 @@ import submitit
 
 from cluster.config import ClusterConfig
 from cluster.submit import check_submittable, log_folder, submit_job
-from probes.probe import ProbeSettings, chosen_tasks
+from probes.probe import ProbeSettings, check_protocol, chosen_tasks
 from trainer.layout import CONFIG, PROBE_JOBS
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -55,6 +55,7 @@ def check_schedule(schedule: NightlySchedule) -> None:
     missing = [str(run_dir) for run_dir in schedule.run_dirs if not (run_dir / CONFIG).is_file()]
     if missing:
         raise FileNotFoundError(f"not run directories (no {CONFIG}): {missing}")
+    check_protocol(schedule.settings)
     chosen = chosen_tasks(list(schedule.tasks), schedule.settings.task_files)
     for task, adapter in chosen.values():  # each adapter reads its dataset's annotations and checks every audio file
         adapter(task, schedule.settings.data_root)

@@ -1,4 +1,4 @@
-"""Data: shards from raw audio, the streaming crop-and-mask loader, span masks, procedural demo music."""
+"""Data: shards from raw audio, the streaming crop-and-mask loader, span masks, demo music rendered from scores."""
 
 from data.config import DataConfig
 from data.loader import SKIP_REASONS, Batch, StreamingLoader, shard_urls

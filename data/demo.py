@@ -1,223 +1,216 @@
-"""Procedural, labelled music for the demo and the probes' demo tasks.
+"""Labelled demo music: real compositions from music21's corpus, played by the project's synthesiser.
 
-Each clip is a short piece in one of the 24 major/minor keys at one tempo: a diatonic chord progression with its
-bass line, a melody that leans on chord tones, an arpeggio, and a drum pattern, played by one to four instruments
-from a small set of timbres. Its labels are the key (in mir_eval's spelling, e.g. "Eb minor"), the tempo in BPM and
-the instruments. Everything is vectorised numpy, deterministic by seed.
+Each clip is an excerpt of a work: a string quartet movement by Haydn or Mozart (its harmony and voice leading as
+written) or an Irish tune from O'Neill's "Music of Ireland" (1903) over a harmonisation (`data/scores.py`),
+transposed to any of the 24 major and minor keys, at a tempo of 70 to 160 beats per minute, played by one to three
+of the synthesiser's instruments (melody, inner parts, bass), with a drum kit under some folk tunes. Its labels are
+exact: the key the score declares, transposed (mir_eval's spelling, e.g. "Eb minor"), the tempo in beats per
+minute (quarter notes, dotted quarters in compound meters), the instruments, and the work.
+
+Two pools of works that share none: `pretraining` (what `music2vec demo` shards) and `probe` (the demo probe
+tasks, split further into `probe_train`, `probe_valid` and `probe_test`). music21's Bach chorales are in neither:
+they are kept as held-out evaluation material.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from data.audio import SAMPLE_RATE, encode_flac
+from data.scores import KEYS, ScoreNote, Work, key_name, load_work, tune_numbers
+from data.synth import PITCHED, Hit, Note, drum_track, render
 
-TONICS = ("C", "Db", "D", "Eb", "E", "F", "Gb", "G", "Ab", "A", "Bb", "B")  # flats, as mir_eval spells keys
-MODES = ("major", "minor")
-KEYS = tuple(f"{tonic} {mode}" for mode in MODES for tonic in TONICS)
-PITCHED = ("piano", "electric_piano", "pluck")  # additive, FM, plucked string
+__all__ = ["INSTRUMENTS", "KEYS", "PITCHED", "POOLS", "folk_tunes", "generate", "write_demo_corpus"]
+
 INSTRUMENTS = (*PITCHED, "drums")
-SCALES = {"major": (0, 2, 4, 5, 7, 9, 11), "minor": (0, 2, 3, 5, 7, 8, 10)}  # natural minor
-DOMINANT = 4  # scale degree of the chord on the fifth
-# How the melody moves: rests, landing on chord tones on strong eighths, held notes; and how often drums join.
-REST, CHORD_TONE, HELD, DRUMS = 0.25, 0.7, 0.3, 0.6
-# Which drums hit on each of the eight eighths of a bar (a basic rock beat).
-DRUM_PATTERN = [("hat", "kick"), ("hat",), ("hat", "snare"), ("hat", "kick"), ("hat", "kick"), ("hat",)]
-DRUM_PATTERN += [("hat", "snare"), ("hat",)]
-# Progressions as scale degrees (0 = tonic), one chord per bar.
-PROGRESSIONS = {
-    "major": ((0, 4, 5, 3), (0, 3, 4, 0), (5, 3, 0, 4), (1, 4, 0, 0), (0, 5, 3, 4)),
-    "minor": ((0, 5, 3, 4), (0, 3, 4, 0), (0, 6, 5, 4), (0, 3, 6, 4), (5, 6, 0, 4)),  # V with the leading tone
+TEMPO_RANGE = (70, 160)  # beats per minute, both included
+DRUMS = 0.7  # how often a folk tune gets drums
+ON_THE_GRID = 1e-9  # quarter notes: a subdivision this close to a beat is on it
+# Loudness per role: chords and inner parts are several notes at once, so each is quieter.
+VELOCITY = {"melody": 0.3, "accompaniment": 0.14, "bass": 0.3}
+
+
+@dataclass(frozen=True)
+class Pool:
+    quartets: tuple[str, ...]  # movements, played from any measure
+    folk: tuple[str, ...]  # ABC files of folk tunes, each tune played from its start
+    quartet_share: float  # how many clips are quartet excerpts
+    # (m, residues): only the tunes whose number modulo m is one of residues, so a pool's splits share no tune
+    tune_filter: tuple[int, tuple[int, ...]] | None = None
+
+
+def _movements(work: str, count: int) -> tuple[str, ...]:
+    return tuple(f"{work}/movement{number}.mxl" for number in range(1, count + 1))
+
+
+def _books(*names: str) -> tuple[str, ...]:
+    return tuple(f"oneills1850/{name}.abc" for name in names)
+
+
+# O'Neill's numbered sections as music21 stores them, split between the pools with no tune in both (music21's files
+# that overlap another's numbers are left out).
+PRETRAINING_BOOKS = (
+    "0051-0100", "0201-0300", "0351-0400", "0487-0500", "0501-0550", "0550-0625", "0626-0635", "0721-0730",
+    "0811-0899", "0951-0981", "1031-1115", "1176-1275", "1376-1475", "1556-1624", "1801-1850",
+)  # fmt: skip
+PROBE_BOOKS = (
+    "0001-0050", "0101-0200", "0301-0350", "0401-0486", "0701-0720", "0759-0810", "0900-0950", "1136-1175",
+    "1276-1375", "1476-1555", "1625-1700",
+)  # fmt: skip
+# The quartet movements are those that end in their declared key (a minuet whose score ends with its trio would not).
+POOLS = {
+    "pretraining": Pool(
+        quartets=(
+            *(f"haydn/opus1no1/movement{number}.mxl" for number in (1, 3, 4, 5)),
+            *(f"haydn/opus74no1/movement{number}.mxl" for number in (1, 2, 4)),
+            *_movements("mozart/k155", 3),
+            *_movements("mozart/k156", 4),
+            *_movements("mozart/k458", 4),
+            *(f"mozart/k80/movement{number}.mxl" for number in (1, 2, 4)),
+        ),
+        folk=_books(*PRETRAINING_BOOKS),
+        quartet_share=0.5,
+    ),
+    "probe": Pool(
+        quartets=(),
+        folk=_books(*PROBE_BOOKS),
+        quartet_share=0.0,
+    ),
+}
+# The demo probe tasks' splits: two thirds of the probe pool's tunes for training heads, a sixth each to choose and
+# to test them, no tune in two splits.
+PROBE_SPLITS = {"train": (0, 1, 2, 3), "valid": (4,), "test": (5,)}
+POOLS |= {
+    f"probe_{split}": replace(POOLS["probe"], tune_filter=(6, residues)) for split, residues in PROBE_SPLITS.items()
 }
 
 
-@dataclass(frozen=True)
-class Note:
-    start: float  # seconds
-    duration: float
-    midi: float
-    velocity: float
+def folk_tunes(pool: Pool) -> list[str]:
+    """The pool's folk tunes as load_work sources ("book#number"), after its tune filter."""
+    modulus, residues = pool.tune_filter or (1, (0,))
+    tunes = [(collection, number) for collection in pool.folk for number in tune_numbers(collection)]
+    return [f"{collection}#{number}" for collection, number in tunes if number % modulus in residues]
 
 
-def midi_to_hz(midi: np.ndarray | float) -> np.ndarray | float:
-    return 440.0 * 2.0 ** ((np.asarray(midi) - 69) / 12)
-
-
-def _envelope(samples: int, *, attack: float, decay: float) -> np.ndarray:
-    """Linear attack, exponential decay, and a 5 ms release so notes never click."""
-    t = np.arange(samples) / SAMPLE_RATE
-    env = np.minimum(t / attack, 1.0) * np.exp(-np.maximum(t - attack, 0.0) / decay)
-    release = min(samples, int(0.005 * SAMPLE_RATE))
-    env[samples - release :] *= np.linspace(1.0, 0.0, release)
-    return env
-
-
-def _piano(freq: float, samples: int) -> np.ndarray:
-    t = np.arange(samples) / SAMPLE_RATE
-    harmonics = np.arange(1, 7)[:, None]
-    partials = np.sin(2 * np.pi * freq * harmonics * t) / harmonics**1.5 * np.exp(-t * harmonics * 0.8)
-    return partials.sum(axis=0) * _envelope(samples, attack=0.005, decay=0.9)
-
-
-def _electric_piano(freq: float, samples: int) -> np.ndarray:
-    """Two-operator FM with a decaying modulation index: bright attack, mellow tail."""
-    t = np.arange(samples) / SAMPLE_RATE
-    index = 2.5 * np.exp(-t * 4.0)
-    return np.sin(2 * np.pi * freq * t + index * np.sin(2 * np.pi * freq * t)) * _envelope(
-        samples, attack=0.003, decay=0.7
-    )
-
-
-def _pluck(freq: float, samples: int) -> np.ndarray:
-    """A string: upper partials die faster than the fundamental, with a short noise burst for the pick."""
-    t = np.arange(samples) / SAMPLE_RATE
-    harmonics = np.arange(1, 11)[:, None]
-    partials = np.sin(2 * np.pi * freq * harmonics * t) / harmonics * np.exp(-t * harmonics * 2.5)
-    pick = np.random.default_rng(round(freq)).standard_normal(samples) * np.exp(-t * 200.0) * 0.3
-    return (partials.sum(axis=0) + pick) * _envelope(samples, attack=0.001, decay=1.2)
-
-
-def _drum(kind: str, samples: int, rng: np.random.Generator) -> np.ndarray:
-    t = np.arange(samples) / SAMPLE_RATE
-    noise = rng.standard_normal(samples)
-    if kind == "kick":  # a sine whose pitch falls from 150 Hz to 50 Hz
-        pitch = 50 + 100 * np.exp(-t * 30)
-        return np.sin(2 * np.pi * np.cumsum(pitch) / SAMPLE_RATE) * np.exp(-t * 8)
-    if kind == "snare":  # band-limited noise plus a body tone
-        body = np.sin(2 * np.pi * 180 * t) * np.exp(-t * 20)
-        return 0.6 * np.convolve(noise, np.ones(4) / 4, mode="same") * np.exp(-t * 18) + 0.4 * body
-    return np.diff(noise, prepend=0.0) * np.exp(-t * 60) * 0.35  # hi-hat: differentiated noise is high-passed
-
-
-VOICES = {"piano": _piano, "electric_piano": _electric_piano, "pluck": _pluck}
-
-
-def _render(notes: list[Note], voice: str, total: int) -> np.ndarray:
-    """Notes repeat (progressions cycle, arpeggios loop), so each distinct (pitch, length) is synthesised once."""
-    track = np.zeros(total)
-    sounds: dict[tuple[float, int], np.ndarray] = {}
-    for note in notes:
-        start = int(note.start * SAMPLE_RATE)
-        samples = min(int(note.duration * SAMPLE_RATE), total - start)
-        if samples <= 0:
+def _choose_work(pool: Pool, rng: np.random.Generator, songs: list[str]) -> Work:
+    """A work of the pool with a major or minor key (modal tunes are drawn again)."""
+    for _ in range(100):
+        if pool.quartets and rng.random() < pool.quartet_share:
+            source = pool.quartets[int(rng.integers(len(pool.quartets)))]
+        else:
+            source = songs[int(rng.integers(len(songs)))]
+        try:
+            return load_work(source)
+        except ValueError:
             continue
-        if (note.midi, samples) not in sounds:
-            sounds[note.midi, samples] = VOICES[voice](float(midi_to_hz(note.midi)), samples)
-        track[start : start + samples] += note.velocity * sounds[note.midi, samples]
-    return track
+    raise RuntimeError(f"no work with a major or minor key in 100 draws from {pool}")
 
 
-@dataclass(frozen=True)
-class Piece:
-    key: str
-    tonic: int  # pitch class, 0 = C
-    mode: str
-    tempo: float  # beats per minute
-    instruments: tuple[str, ...]
-
-    @property
-    def beat(self) -> float:
-        return 60.0 / self.tempo
-
-    def degree_to_midi(self, degree: int, octave: int) -> int:
-        scale = SCALES[self.mode]
-        return 12 * (octave + 1) + self.tonic + scale[degree % 7] + 12 * (degree // 7)
-
-    def chord(self, root_degree: int, octave: int) -> list[int]:
-        notes = [self.degree_to_midi(root_degree + step, octave) for step in (0, 2, 4)]
-        if self.mode == "minor" and root_degree % 7 == DOMINANT:
-            notes[1] += 1  # harmonic minor: the dominant chord is major, its third the leading tone
-        return notes
+def _excerpt_start(work: Work, quarters: float, rng: np.random.Generator, from_start: bool) -> float:
+    """A measure to start at: any that leaves `quarters` to play (a quartet), or the first (a folk song)."""
+    fits = [onset for onset in work.measures if onset + quarters <= work.length]
+    return 0.0 if from_start or not fits else float(fits[int(rng.integers(len(fits)))])
 
 
-def _choose_piece(rng: np.random.Generator) -> Piece:
-    key_index = int(rng.integers(len(KEYS)))
-    count = int(rng.integers(1, 5))
-    pitched = [str(name) for name in rng.choice(PITCHED, size=min(count, len(PITCHED)), replace=False)]
-    # At least one pitched instrument carries the harmony; drums join when there is room for them.
-    instruments = [*pitched[: count - 1], "drums"] if count > 1 and rng.random() < DRUMS else pitched[:count]
-    return Piece(
-        key=KEYS[key_index],
-        tonic=key_index % 12,
-        mode=MODES[key_index // 12],
-        tempo=float(rng.integers(70, 161)),
-        instruments=tuple(instruments),
-    )
+def _timed(
+    notes: tuple[ScoreNote, ...], work: Work, *, start: float, quarters: float, shift: int, spq: float, velocity: float
+) -> list[Note]:
+    """Notes from `start` for `quarters`, in seconds and transposed; the work repeats (verses) when it is shorter."""
+    timed = []
+    repeat = 0.0
+    while repeat + work.length - start > 0 and repeat < quarters + start:
+        for note in notes:
+            onset = note.onset + repeat - start
+            if 0 <= onset < quarters:
+                timed.append(Note(onset * spq, note.duration * spq, note.midi + shift, velocity))
+        repeat += work.length
+    return timed
 
 
-def _parts(piece: Piece, seconds: float, rng: np.random.Generator) -> dict[str, list[Note]]:
-    """Chords + bass, melody and arpeggio notes, one list per part."""
-    bar = 4 * piece.beat
-    progression = PROGRESSIONS[piece.mode][int(rng.integers(len(PROGRESSIONS[piece.mode])))]
-    chords, melody, arpeggio = [], [], []
-    degree = 7  # the melody starts on the tonic an octave up
-    for bar_index in range(int(np.ceil(seconds / bar))):
-        root = progression[bar_index % len(progression)]
-        start = bar_index * bar
-        chords += [Note(start, bar, midi, 0.18) for midi in piece.chord(root, octave=4)]
-        chords.append(Note(start, bar, piece.degree_to_midi(root, octave=2), 0.35))
-        for step in range(8):  # eighth notes; rests and held notes make the rhythm
-            if rng.random() < REST:
-                continue
-            chord_tones = [root + 7, root + 9, root + 11]
-            on_strong_beat = step % 2 == 0
-            if on_strong_beat and rng.random() < CHORD_TONE:
-                degree = int(min(chord_tones, key=lambda tone: abs(tone - degree)))
-            else:
-                degree = int(np.clip(degree + rng.choice([-2, -1, 1, 2]), 4, 14))
-            length = piece.beat / 2 * (2 if rng.random() < HELD else 1)
-            melody.append(Note(start + step * piece.beat / 2, length, piece.degree_to_midi(degree, 4), 0.3))
-        pattern = piece.chord(root, octave=3)
-        arpeggio += [
-            Note(start + i * piece.beat / 2, piece.beat / 2, pattern[[0, 1, 2, 1][i % 4]], 0.16) for i in range(8)
-        ]
-    return {"chords": chords, "melody": melody, "arpeggio": arpeggio}
+def _drum_hits(work: Work, *, start: float, quarters: float, spq: float) -> list[Hit]:
+    """Kick on the downbeat, snare on the other beats of the measure, hi-hats on each half (duple) or third
+    (compound) of a beat; a short first measure (a pickup) counts back from its end."""
+    hits = []
+    full = max(np.diff([*work.measures, work.length]), default=work.length)
+    subdivision = work.beat / (3 if work.beat % 1 else 2)
+    repeat = 0.0
+    while repeat < quarters + start:
+        bounds = [*work.measures, work.length]
+        for index, (begin, end) in enumerate(itertools.pairwise(bounds)):
+            into_measure = full - (end - begin) if index == 0 else 0.0
+            position = 0.0
+            while begin + position < end - ON_THE_GRID:
+                onset = begin + position + repeat - start
+                beat, off_beat = divmod(into_measure + position, work.beat)
+                if 0 <= onset < quarters:
+                    hits.append(Hit(onset * spq, "hat", 0.3))
+                    if off_beat < ON_THE_GRID:
+                        hits.append(Hit(onset * spq, "kick" if beat == 0 else "snare", 0.8 if beat == 0 else 0.6))
+                position += subdivision
+        repeat += work.length
+    return hits
 
 
-def _drum_track(piece: Piece, total: int, rng: np.random.Generator) -> np.ndarray:
-    track = np.zeros(total)
-    sounds = {kind: _drum(kind, int(0.4 * SAMPLE_RATE), rng) for kind in ("kick", "snare", "hat")}
-    eighth = piece.beat / 2
-    for step in range(int(total / SAMPLE_RATE / eighth) + 1):
-        start = int(step * eighth * SAMPLE_RATE)
-        for kind in DRUM_PATTERN[step % len(DRUM_PATTERN)]:
-            sound = sounds[kind][: total - start]
-            track[start : start + sound.size] += sound * (0.3 if kind == "hat" else 0.8)
-    return track
+def _instruments(rng: np.random.Generator, drums: bool) -> tuple[str, ...]:
+    count = int(rng.integers(1, len(PITCHED) + 1))
+    pitched = tuple(str(name) for name in rng.choice(PITCHED, size=count, replace=False))
+    return (*pitched, "drums") if drums else pitched
 
 
-def generate(seed: int, seconds: float = 30.0) -> tuple[np.ndarray, dict[str, Any]]:
-    """One clip: (float32 mono audio at 16 kHz, labels {"key", "tempo", "instruments"})."""
+def _roles(instruments: tuple[str, ...]) -> dict[str, str]:
+    """Which instrument plays which role: one plays everything, two split melody from the rest, three each take one."""
+    first, *others = [name for name in instruments if name != "drums"]
+    accompaniment = others[0] if others else first
+    return {"melody": first, "accompaniment": accompaniment, "bass": others[-1] if others else first}
+
+
+def generate(seed: int, seconds: float = 30.0, pool: str = "pretraining") -> tuple[np.ndarray, dict[str, Any]]:
+    """One clip of a work of `pool`: (float32 mono audio at 16 kHz, labels {"key", "tempo", "instruments", "work"})."""
     rng = np.random.default_rng(seed)
-    piece = _choose_piece(rng)
+    chosen = POOLS[pool]
+    work = _choose_work(chosen, rng, folk_tunes(chosen))
+    shift = int(rng.integers(-6, 6))  # every tonic is reachable from every key
+    tempo = int(rng.integers(TEMPO_RANGE[0], TEMPO_RANGE[1] + 1))
+    spq = 60.0 / (tempo * work.beat)  # seconds per quarter note
+    quarters = seconds / spq
+    is_quartet = work.source in chosen.quartets
+    start = _excerpt_start(work, quarters, rng, from_start=not is_quartet)
+    instruments = _instruments(rng, drums=not is_quartet and rng.random() < DRUMS)
     total = int(seconds * SAMPLE_RATE)
-    parts = _parts(piece, seconds, rng)
-    pitched = [name for name in piece.instruments if name != "drums"]
-    roles = ("chords", "melody", "arpeggio")  # the first pitched instrument plays chords, the next the melody, ...
     mix = np.zeros(total)
-    for voice, role in zip(pitched, roles, strict=False):
-        mix += _render(parts[role], voice, total)
-    if len(pitched) == 1:  # a solo instrument plays the melody over its chords
-        mix += _render(parts["melody"], pitched[0], total)
-    if "drums" in piece.instruments:
-        mix += _drum_track(piece, total, rng)
+    roles = _roles(instruments)
+    lines = {"melody": [work.melody], "accompaniment": list(work.accompaniment), "bass": [work.bass]}
+    for role, parts in lines.items():
+        for part in parts:
+            notes = _timed(part, work, start=start, quarters=quarters, shift=shift, spq=spq, velocity=VELOCITY[role])
+            mix += render(notes, roles[role], total)
+    if "drums" in instruments:
+        mix += drum_track(_drum_hits(work, start=start, quarters=quarters, spq=spq), total, rng)
     audio = (0.5 * mix / max(np.abs(mix).max(), 1e-6)).astype(np.float32)
-    labels = {"key": piece.key, "tempo": piece.tempo, "instruments": sorted(piece.instruments)}
+    labels = {
+        "key": key_name(work.tonic + shift, work.mode),
+        "tempo": float(tempo),
+        "instruments": sorted(instruments),
+        "work": work.source,
+    }
     return audio, labels
 
 
-def write_demo_corpus(folder: str | Path, clips: int, *, seed: int = 0, seconds: float = 30.0) -> list[Path]:
+def write_demo_corpus(
+    folder: str | Path, clips: int, *, seed: int = 0, seconds: float = 30.0, pool: str = "pretraining"
+) -> list[Path]:
     """`clips` FLAC files with sidecar JSON labels, which `music2vec shard` carries into each clip's record."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for index in range(clips):
-        audio, labels = generate(seed * 1_000_003 + index, seconds)
+        audio, labels = generate(seed * 1_000_003 + index, seconds, pool)
         path = folder / f"demo{index:05d}.flac"
         path.write_bytes(encode_flac(audio))
         path.with_suffix(".json").write_text(json.dumps(labels, sort_keys=True) + "\n")

@@ -1,10 +1,11 @@
 """Frozen features: every hidden state of a checkpoint's encoder, mean-pooled over each 30 s window of a file.
 
 As MARBLE extracts them, and as pretraining saw audio: a file is decoded to 16 kHz mono, normalised over the whole
-file, and cut into 30 s non-overlapping windows (a last window under 1 s is dropped; a task can ask for whole windows
-only). Windows of equal length go through the encoder together, across files, so nothing is padded. Features are
-fp32 (bf16 autocast on request, PROBES.md says what it changes) and cached per (checkpoint weights, task, precision):
-trying another head never extracts twice.
+file, and cut into 30 s non-overlapping windows (a last window under 1 s is dropped). A task can ask for whole
+windows only, each normalised on its own: JukeMIR's and MARBLE's GiantSteps clips. Windows of equal length go
+through the encoder together, across files, so nothing is padded. Features are fp32 (bf16 autocast on request,
+PROBES.md says what it changes) and cached per (checkpoint weights, task, precision): trying another head never
+extracts twice.
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ from data.audio import SAMPLE_RATE, clip_stats, decode_file
 from model import Data2VecAudio, load_hf
 from model.hf import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
 from probes.datasets.files import DatasetError
-from probes.tasks import Example, Task
+from probes.tasks import Example, Normalise, Protocol, Task
 from trainer.layout import export_of
 
 WINDOW_SECONDS = 30.0
 MIN_WINDOW_SECONDS = 1.0
+# A decoded file can fall a few milliseconds short of its stated length (MP3 padding, resampling): a whole window
+# that short still counts, so a 120.0 s track has four, as JukeMIR counts its clips.
+WHOLE_WINDOW_SLACK_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -82,15 +86,18 @@ def task_features(
     cache: Path | None = None,
     precision: FeaturePrecision = "fp32",
     progress: bool = True,
+    protocol: Protocol = "marble",
 ) -> Features:
-    """The features of every example, from the cache or extracted now (on the GPU when there is one). An extraction
-    that stops at a bad file keeps what it extracted before it, so the next one, once the file is fixed, starts
-    there."""
+    """The features of every example, from the cache or extracted now (on the GPU when there is one): one row per
+    30 s window, or per file when JukeMIR's protocol takes the whole file as its clip. An extraction that stops at a
+    bad file keeps what it extracted before it, so the next one, once the file is fixed, starts there."""
     folder = model_folder(checkpoint)
-    suffix = "" if precision == "fp32" else f".{precision}"
+    whole_files = protocol == "jukemir" and task.jukemir_clip == "file"
+    suffix = ("" if precision == "fp32" else f".{precision}") + (".clips" if whole_files else "")
     path = (cache or default_cache()) / weights_digest(folder) / f"{task.name}{suffix}.safetensors"
     files = [str(example.path) for example in examples]
-    identity = _identity(files, task.min_window_seconds, precision)
+    window_seconds = None if whole_files else WINDOW_SECONDS
+    identity = _identity(files, task.min_window_seconds, precision, task.normalise, window_seconds)
     # this task's entry, or another task's over the same files and windows (the demo tasks share their audio)
     others = sorted(stored for stored in path.parent.glob("*.safetensors") if stored != path)
     for stored_path in [path, *others]:
@@ -111,6 +118,8 @@ def task_features(
         encoder,
         files[done.files :],
         min_window_seconds=task.min_window_seconds,
+        window_seconds=window_seconds,
+        normalise=task.normalise,
         precision=precision,
         progress=progress,
         desc=task.name,
@@ -193,6 +202,8 @@ def extract(
     files: list[str],
     *,
     min_window_seconds: float = MIN_WINDOW_SECONDS,
+    window_seconds: float | None = WINDOW_SECONDS,
+    normalise: Normalise = "file",
     windows_per_batch: int = 8,
     precision: FeaturePrecision = "fp32",
     progress: bool = True,
@@ -203,8 +214,10 @@ def extract(
     while extracting). Windows of one length go through the encoder together across files (most windows are a
     full 30 s); a batch never holds padding, and no more than twice a batch waits for company (a dataset whose clips
     all differ by a few samples, as MagnaTagATune's do, would otherwise be held in memory whole). `bf16` runs the
-    encoder under bf16 autocast and pools in fp32. A file that cannot be decoded, or holds non-finite samples, is a
-    DatasetError naming it; `on_failure` is then given the features of the files before it, and how many."""
+    encoder under bf16 autocast and pools in fp32. `window_seconds` None makes each file one window. `normalise` is
+    "file" (the whole file, then cut) or "window" (each window on its own). A file that cannot be decoded, or holds
+    non-finite samples, is a DatasetError naming it; `on_failure` is then given the features of the files before
+    it, and how many."""
     device = next(encoder.parameters()).device
     pending: dict[int, list[tuple[int, np.ndarray]]] = {}  # window length -> (window number, window) to encode
     pooled: dict[int, torch.Tensor] = {}  # window number -> (layer, dim)
@@ -216,7 +229,8 @@ def extract(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             try:
                 for index, file in enumerate(tqdm(files, desc=desc, unit="file", disable=not progress)):
-                    for window in windows(_decoded(file), min_window_seconds):
+                    audio = _decoded(file)
+                    for window in normalised_windows(audio, min_window_seconds, normalise, window_seconds):
                         same_length = pending.setdefault(len(window), [])
                         same_length.append((len(owners), window))
                         owners.append(index)
@@ -262,7 +276,7 @@ def _encode_files_before(
 
 
 def _decoded(file: str) -> np.ndarray:
-    """The file decoded and normalised; a DatasetError naming it when it cannot be, or holds non-finite samples."""
+    """The file decoded; a DatasetError naming it when it cannot be, or holds non-finite samples."""
     if not Path(file).is_file():
         raise DatasetError(f"{file}: missing; download or unpack the dataset's audio there")
     try:
@@ -274,6 +288,24 @@ def _decoded(file: str) -> np.ndarray:
     mean, scale = clip_stats(audio)
     if not np.isfinite(mean + scale):
         raise DatasetError(f"{file}: holds samples that are not finite (NaN or infinity); re-encode it, or remove it")
+    return audio
+
+
+def normalised_windows(
+    audio: np.ndarray,
+    min_window_seconds: float,
+    normalise: Normalise,
+    window_seconds: float | None = WINDOW_SECONDS,
+) -> list[np.ndarray]:
+    """The windows of a decoded file, normalised as the file ("file", as pretraining saw audio) or each window on
+    its own ("window")."""
+    if normalise == "file":
+        return windows(_normalised(audio), min_window_seconds, window_seconds)
+    return [_normalised(window) for window in windows(audio, min_window_seconds, window_seconds)]
+
+
+def _normalised(audio: np.ndarray) -> np.ndarray:
+    mean, scale = clip_stats(audio)
     return ((audio - mean) * scale).astype(np.float32)
 
 
@@ -287,14 +319,35 @@ def _encode(
     return {number: features for (number, _), features in zip(batch, pooled, strict=True)}
 
 
-def windows(audio: np.ndarray, min_window_seconds: float = MIN_WINDOW_SECONDS) -> list[np.ndarray]:
-    size, minimum = round(WINDOW_SECONDS * SAMPLE_RATE), round(min_window_seconds * SAMPLE_RATE)
+def windows(
+    audio: np.ndarray, min_window_seconds: float = MIN_WINDOW_SECONDS, window_seconds: float | None = WINDOW_SECONDS
+) -> list[np.ndarray]:
+    """Non-overlapping windows (30 s; None: the whole file), the last one kept when it is at least
+    `min_window_seconds` long."""
+    slack = WHOLE_WINDOW_SLACK_SECONDS if min_window_seconds >= WINDOW_SECONDS else 0.0
+    size = len(audio) if window_seconds is None else round(window_seconds * SAMPLE_RATE)
+    minimum = round((min_window_seconds - slack) * SAMPLE_RATE)
+    if size == 0:
+        return []
     return [audio[start : start + size] for start in range(0, len(audio), size) if len(audio) - start >= minimum]
 
 
-def _identity(files: list[str], min_window_seconds: float, precision: FeaturePrecision) -> str:
-    """What makes two extractions the same: the files, in order, which windows were kept, and the precision."""
+def _identity(
+    files: list[str],
+    min_window_seconds: float,
+    precision: FeaturePrecision,
+    normalise: Normalise = "file",
+    window_seconds: float | None = WINDOW_SECONDS,
+) -> str:
+    """What makes two extractions the same: the files, in order, which windows were kept and how they were
+    normalised, and the precision."""
     settings = [f"min_window_seconds={min_window_seconds}"]
+    if min_window_seconds >= WINDOW_SECONDS:
+        settings.append(f"whole_window_slack={WHOLE_WINDOW_SLACK_SECONDS}")
+    if normalise != "file":  # entries normalised by file keep the identity they had before windows could be
+        settings.append(f"normalise={normalise}")
+    if window_seconds is None:
+        settings.append("window=file")
     if precision != "fp32":  # fp32 entries keep the identity they had before bf16 existed
         settings.append(f"precision={precision}")
     return hashlib.sha256("\n".join([*files, *settings]).encode()).hexdigest()

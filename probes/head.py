@@ -4,7 +4,9 @@ ReduceLROnPlateau and early stopping on the task's validation metric; every wind
 averaged per song before scoring.
 
 Options: one fixed hidden state instead of the learned weights (a layer-wise curve), a linear head, and the
-knobs of JukeMIR's grid (§10.1): input dropout, L2 weight decay, feature standardisation, batch size.
+knobs of JukeMIR's grid (§10.1): input dropout, L2 weight decay, feature standardisation, batch size. JukeMIR's
+protocol trains differently (`fit_jukemir`): batches drawn at random, the validation score every 8 steps, patience
+of 256 evaluations.
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ from torch import nn
 
 from probes.features import Features
 from probes.metrics import score
-from probes.tasks import Example, Task
+from probes.tasks import Example, Protocol, Task
+
+JUKEMIR_EVALUATE_EVERY = 8  # steps
+JUKEMIR_PATIENCE = 256  # evaluations without a better validation score
+JUKEMIR_MAX_STEPS = 200_000  # this project's guard: a head whose validation score keeps creeping up stops here
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,7 @@ class ProbeResult:
     epochs: int
     layer_weights: list[float]
     ensemble: str  # how window outputs became song outputs (chosen on valid when the task allows several)
+    steps: int  # optimizer steps
 
 
 # A song's outputs from its windows': the mean (logits, tag logits or values), or for classes JukeMIR's others:
@@ -68,8 +75,17 @@ class ProbeResult:
 SONG_ENSEMBLES = ("mean", "vote", "max_logit", "mean_softmax")
 
 
-def train_probe(task: Task, examples: list[Example], features: Features, *, seed: int, cfg: HeadConfig) -> ProbeResult:
-    """A head fitted on the training windows, with the song ensemble best on valid; scored on valid and test."""
+def train_probe(
+    task: Task,
+    examples: list[Example],
+    features: Features,
+    *,
+    seed: int,
+    cfg: HeadConfig,
+    protocol: Protocol = "marble",
+) -> ProbeResult:
+    """A head fitted on the training windows (MARBLE's epochs, or JukeMIR's random batches), with the song ensemble
+    best on valid; scored on valid and test."""
     torch.manual_seed(seed)
     inputs = probe_inputs(task, examples, features, cfg)
     head = LayerWeightedMLP(inputs.values.shape[1], inputs.values.shape[2], task.outputs, cfg)
@@ -79,7 +95,14 @@ def train_probe(task: Task, examples: list[Example], features: Features, *, seed
         by_ensemble = {ensemble: scores(split="valid", ensemble=ensemble) for ensemble in task.song_ensembles}
         return max(by_ensemble.items(), key=lambda item: item[1][task.monitor])
 
-    epochs = fit(head, task, inputs, cfg, seed=seed, validate=lambda: best_ensemble()[1][task.monitor])
+    def validate() -> float:
+        return best_ensemble()[1][task.monitor]
+
+    if protocol == "jukemir":
+        epochs, steps = 0, fit_jukemir(head, task, inputs, cfg, seed=seed, validate=validate)
+    else:
+        epochs = fit(head, task, inputs, cfg, seed=seed, validate=validate)
+        steps = epochs * -(-len(inputs.windows["train"]) // cfg.batch_size)
     ensemble, valid_scores = best_ensemble()
     return ProbeResult(
         test=scores(split="test", ensemble=ensemble),
@@ -87,6 +110,7 @@ def train_probe(task: Task, examples: list[Example], features: Features, *, seed
         epochs=epochs,
         layer_weights=head.layer_weights(),
         ensemble=ensemble,
+        steps=steps,
     )
 
 
@@ -154,11 +178,53 @@ def fit(
     return epochs
 
 
+def fit_jukemir(
+    head: LayerWeightedMLP,
+    task: Task,
+    inputs: ProbeInputs,
+    cfg: HeadConfig,
+    *,
+    seed: int,
+    validate: Callable[[], float],
+    evaluate_every: int = JUKEMIR_EVALUATE_EVERY,
+    patience: int = JUKEMIR_PATIENCE,
+) -> int:
+    """JukeMIR's loop: Adam on batches drawn at random from the training examples, `validate()` every
+    `evaluate_every` steps, stopping after `patience` evaluations without a better score (or at
+    JUKEMIR_MAX_STEPS); the head keeps its best weights. Returns the steps run."""
+    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr or task.lr, weight_decay=cfg.weight_decay)
+    loss_fn = _loss(task)
+    generator = torch.Generator().manual_seed(seed)
+    train = inputs.windows["train"]
+    best, best_state, since_best, steps = -np.inf, copy.deepcopy(head.state_dict()), 0, 0
+    while since_best < patience and steps < JUKEMIR_MAX_STEPS:
+        head.train()
+        for _ in range(evaluate_every):
+            batch = train[torch.randint(len(train), (cfg.batch_size,), generator=generator)]
+            optimizer.zero_grad()
+            loss_fn(head(inputs.values[batch]), inputs.targets[batch]).backward()
+            optimizer.step()
+        steps += evaluate_every
+        valid = validate()
+        if valid > best:
+            best, best_state, since_best = valid, copy.deepcopy(head.state_dict()), 0
+        else:
+            since_best += 1
+    head.load_state_dict(best_state)
+    return steps
+
+
 def best_on_valid(
-    task: Task, examples: list[Example], features: Features, *, seed: int, heads: list[HeadConfig]
+    task: Task,
+    examples: list[Example],
+    features: Features,
+    *,
+    seed: int,
+    heads: list[HeadConfig],
+    protocol: Protocol = "marble",
 ) -> tuple[HeadConfig, ProbeResult]:
     """Train every candidate head; the one with the best validation score is the one reported (JukeMIR)."""
-    trained = [(head, train_probe(task, examples, features, seed=seed, cfg=head)) for head in heads]
+    trained = [(head, train_probe(task, examples, features, seed=seed, cfg=head, protocol=protocol)) for head in heads]
     return max(trained, key=lambda pair: pair[1].valid[task.monitor])
 
 
@@ -251,7 +317,8 @@ def jukemir_grid(base: HeadConfig) -> list[HeadConfig]:
     none or 512, batch 64 or 256, lr 1e-5, 1e-4 or 1e-3, dropout 0.25, 0.5 or 0.75 (input and hidden), L2 0, 1e-4
     or 1e-3; the rest from `base`.
 
-    Each head trains with this module's loop (epochs, plateau, early stopping), not JukeMIR's sampled batches.
+    Under MARBLE's protocol (`--search jukemir`) each head trains with the epoch loop; under JukeMIR's
+    (`--protocol jukemir`) with `fit_jukemir`.
     """
     return [
         replace(base, standardize=standardize, hidden=hidden, batch_size=batch, lr=lr, dropout=p, input_dropout=p,

@@ -42,6 +42,8 @@ from trainer.layout import (
     tag,
 )
 
+PROTOCOL_MARK = "@"  # giantsteps_key@jukemir: the task under JukeMIR's protocol, in the report
+
 
 class RunBusyError(RuntimeError):
     """Another nightly job holds this run directory's lock."""
@@ -56,7 +58,7 @@ def nightly(run_dir: Path, tasks: list[str], settings: ProbeSettings) -> list[di
     new_rows: list[dict[str, Any]] = []
     scalars = _ProbeScalars(run_dir)
     with _locked(run_dir / NIGHTLY_LOCK):
-        done = {(row["step"], row["task"], row["seed"], _layer(row)) for row in read_results(run_dir)}
+        done = {(row["step"], row["task"], row["seed"], _layer(row), _protocol(row)) for row in read_results(run_dir)}
         try:
             for step, folder in _models(run_dir, settings):
                 layers = _expected_layers(settings, folder)
@@ -64,7 +66,7 @@ def nightly(run_dir: Path, tasks: list[str], settings: ProbeSettings) -> list[di
                     missing = tuple(
                         seed
                         for seed in settings.seeds
-                        if any((step, task, seed, layer) not in done for layer in layers)
+                        if any((step, task, seed, layer, settings.protocol) not in done for layer in layers)
                     )
                     if not missing:
                         continue
@@ -113,6 +115,20 @@ def _layer(row: dict[str, Any]) -> int | None:
     return row.get("head", {}).get("layer")
 
 
+def _protocol(row: dict[str, Any]) -> str:
+    return row.get("protocol", "marble")  # rows written before JukeMIR's protocol existed are MARBLE's
+
+
+def _shown(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as the report shows it: a task probed under JukeMIR's protocol is a task of its own there."""
+    protocol = _protocol(row)
+    return row if protocol == "marble" else row | {"task": f"{row['task']}{PROTOCOL_MARK}{protocol}"}
+
+
+def _builtin(shown_task: str) -> str:
+    return shown_task.split(PROTOCOL_MARK, maxsplit=1)[0]
+
+
 def _present(folder: Path) -> bool:
     """A checkpoint still COMPLETE, or the random init's export."""
     return (folder / COMPLETE).is_file() or (folder / "model.safetensors").is_file()
@@ -154,15 +170,15 @@ def _new_rows_or_why_not(run_dir: Path, tasks: list[str], settings: ProbeSetting
 
 
 def read_results(run_dir: Path) -> list[dict[str, Any]]:
-    """Every whole line, the newest of each (checkpoint, task, seed, metric, layer): two jobs that both probed a
-    checkpoint (a filesystem without locks, a results file copied between runs) count once. A line cut short by a
-    crash is skipped, and its task probed again."""
+    """Every whole line, the newest of each (checkpoint, task, seed, metric, layer, protocol): two jobs that both
+    probed a checkpoint (a filesystem without locks, a results file copied between runs) count once. A line cut
+    short by a crash is skipped, and its task probed again."""
     newest = {_identity(row): row for row in jsonlines.read(run_dir / PROBE_RESULTS)}
     return list(newest.values())
 
 
 def _identity(row: dict[str, Any]) -> tuple[Any, ...]:
-    return (row.get("step"), row.get("task"), row.get("seed"), row.get("metric"), _layer(row))
+    return (row.get("step"), row.get("task"), row.get("seed"), row.get("metric"), _layer(row), _protocol(row))
 
 
 @contextmanager
@@ -197,8 +213,8 @@ class _ProbeScalars:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.run_dir / TENSORBOARD))
-        for (task, layer, metric), values in _by_metric(rows).items():
-            self.writer.add_scalar(scalar_tag(task, layer, metric), statistics.mean(values), step)
+        for (task, layer, metric, protocol), values in _by_metric(rows).items():
+            self.writer.add_scalar(scalar_tag(task, layer, metric, protocol), statistics.mean(values), step)
         self.writer.flush()
 
     def close(self) -> None:
@@ -206,23 +222,31 @@ class _ProbeScalars:
             self.writer.close()
 
 
-def scalar_tag(task: str, layer: int | None, metric: str) -> str:
-    return f"probe/{task}/{metric}" if layer is None else f"probe/{task}/layer{layer:02d}/{metric}"
+def scalar_tag(task: str, layer: int | None, metric: str, protocol: str = "marble") -> str:
+    """probe/<task>[/jukemir][/layerNN]/<metric>"""
+    parts = [
+        task,
+        *([protocol] if protocol != "marble" else []),
+        *([f"layer{layer:02d}"] if layer is not None else []),
+    ]
+    return "/".join(["probe", *parts, metric])
 
 
-def _by_metric(rows: list[dict[str, Any]]) -> dict[tuple[str, int | None, str], list[float]]:
-    """Values by (task, layer, metric), over seeds."""
-    grouped: dict[tuple[str, int | None, str], list[float]] = {}
+def _by_metric(rows: list[dict[str, Any]]) -> dict[tuple[str, int | None, str, str], list[float]]:
+    """Values by (task, layer, metric, protocol), over seeds."""
+    grouped: dict[tuple[str, int | None, str, str], list[float]] = {}
     for row in rows:
-        grouped.setdefault((row["task"], _layer(row), row["metric"]), []).append(row["value"])
+        grouped.setdefault((row["task"], _layer(row), row["metric"], _protocol(row)), []).append(row["value"])
     return grouped
 
 
 def write_report(run_dir: Path) -> Path:
     """probes/report.md: per task, the mean over seeds of every metric at every probed step (step 0: the random
     init, when probed), by hidden state when one was probed alone, and the published values."""
-    rows = read_results(run_dir)
+    rows = [_shown(row) for row in read_results(run_dir)]
     lines = [f"# Probes of {run_dir.name}", "", "Test scores, mean ± std over seeds, by training step.", ""]
+    if any(PROTOCOL_MARK in row["task"] for row in rows):
+        lines += ["Under MARBLE's probe protocol unless the task's name says `@jukemir` (docs/PROBES.md).", ""]
     for task in sorted({row["task"] for row in rows}):
         lines += _task_table(task, [row for row in rows if row["task"] == task])
     path = run_dir / PROBE_REPORT
@@ -235,7 +259,8 @@ def write_report(run_dir: Path) -> Path:
 
 
 def _task_table(task: str, rows: list[dict[str, Any]]) -> list[str]:
-    models = list(REGISTRY[task][0].references) if task in REGISTRY else []
+    builtin = _builtin(task)
+    models = list(REGISTRY[builtin][0].references) if builtin in REGISTRY else []
     layered = any(_layer(row) is not None for row in rows)
     layer_column = " layer |" if layered else ""
     lines = [
@@ -263,7 +288,7 @@ def _task_table(task: str, rows: list[dict[str, Any]]) -> list[str]:
 
 def _published(task: str, metric: str) -> dict[str, float]:
     """model -> published test score of a task's metric (none for the demo tasks)."""
-    references = REGISTRY[task][0].references if task in REGISTRY else {}
+    references = REGISTRY[_builtin(task)][0].references if _builtin(task) in REGISTRY else {}
     return {model: scores[metric] for model, scores in references.items() if metric in scores}
 
 

@@ -16,7 +16,7 @@ from probes.datasets.files import DatasetError
 from probes.datasets.task_file import load_task_file
 from probes.features import FeaturePrecision, model_folder, task_features
 from probes.head import HeadConfig, best_on_valid, jukemir_grid, lr_sweep
-from probes.tasks import Adapter, Task
+from probes.tasks import Adapter, Protocol, Task
 from trainer.layout import step_of
 
 # task name -> (task, its adapter)
@@ -73,22 +73,34 @@ class ProbeSettings:
     progress: bool = True
     task_files: tuple[Path, ...] = ()  # tasks of one's own (probes.datasets.task_file), beside the built-in ones
     random_init: bool = False  # nightly: also the run's model before its first update (step 0), as a reference
+    # MARBLE's (the default) or JukeMIR's: one feature vector per clip, its 216-head grid, its random-batch loop
+    protocol: Protocol = "marble"
 
 
 def probe(checkpoint: Path, tasks: list[str], settings: ProbeSettings) -> list[dict[str, Any]]:
     """One row per (task, layer, seed, metric) on the test split, in the order of `tasks` and `settings.seeds`."""
     chosen = chosen_tasks(tasks, settings.task_files)
+    check_protocol(settings)
     folder = model_folder(checkpoint)
     _check_layers(settings.layers, folder)
     rows = []
     for name, (task, adapter) in chosen.items():
         examples = adapter(task, Path(settings.data_root))
         features = task_features(
-            folder, task, examples, cache=settings.cache, precision=settings.precision, progress=settings.progress
+            folder,
+            task,
+            examples,
+            cache=settings.cache,
+            precision=settings.precision,
+            progress=settings.progress,
+            protocol=settings.protocol,
         )
         for layer in _layers(settings.layers, hidden_states=features.values.shape[1]):
+            heads = _candidates(settings, layer)
             for seed in settings.seeds:
-                head, result = best_on_valid(task, examples, features, seed=seed, heads=_candidates(settings, layer))
+                head, result = best_on_valid(
+                    task, examples, features, seed=seed, heads=heads, protocol=settings.protocol
+                )
                 rows += [
                     {
                         "checkpoint": str(checkpoint),
@@ -99,8 +111,14 @@ def probe(checkpoint: Path, tasks: list[str], settings: ProbeSettings) -> list[d
                         "primary": metric == task.monitor,
                         "seed": seed,
                         "precision": settings.precision,
+                        "protocol": settings.protocol,
                         "head": asdict(head)
-                        | {"lr": head.lr or task.lr, "epochs": result.epochs, "ensemble": result.ensemble},
+                        | {
+                            "lr": head.lr or task.lr,
+                            "epochs": result.epochs,
+                            "steps": result.steps,
+                            "ensemble": result.ensemble,
+                        },
                         "valid": result.valid[metric],
                         "time": time.time(),
                     }
@@ -145,8 +163,25 @@ def _check_layers(layers: tuple[int, ...] | Literal["all"] | None, folder: Path)
             raise ValueError(f"layers {wrong}: {folder} has hidden states 0..{hidden_states - 1}")
 
 
+def check_protocol(settings: ProbeSettings) -> None:
+    """JukeMIR's protocol probes one named hidden state per head with its own grid: said before any work."""
+    if settings.protocol != "jukemir":
+        return
+    if settings.layers is None:
+        raise ValueError(
+            "--protocol jukemir probes one hidden state at a time, as JukeMIR probed one Jukebox layer: name it"
+            " with --layers N (or --layers all for a layer-wise curve)"
+        )
+    if settings.search is not None:
+        raise ValueError(
+            f"--protocol jukemir trains JukeMIR's own 216-head grid; leave out --search {settings.search}"
+        )
+
+
 def _candidates(settings: ProbeSettings, layer: int | None) -> list[HeadConfig]:
     base = replace(settings.head, layer=layer)
+    if settings.protocol == "jukemir":
+        return jukemir_grid(base)
     searches = {"lr": lr_sweep, "jukemir": jukemir_grid}
     return searches[settings.search](base) if settings.search else [base]
 
@@ -164,7 +199,11 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
         task, layer, _ = key
         return task, -1 if layer is None else layer, not primary[key]
 
-    lines = ["task                 layer    metric               test (mean ± std over seeds)"]
+    protocols = sorted({row.get("protocol", "marble") for row in rows})
+    lines = [
+        f"probed under {' and '.join(protocols)}'s protocol",
+        "task                 layer    metric               test (mean ± std over seeds)",
+    ]
     for key in sorted(groups, key=order):
         task, layer, metric = key
         values = groups[key]

@@ -13,6 +13,10 @@ from pathlib import Path
 from typing import Literal
 
 Kind = Literal["multiclass", "multilabel", "regression"]
+Normalise = Literal["file", "window"]  # audio normalised over the whole file, then cut, or each window on its own
+# How heads are trained and what one example is: MARBLE's (30 s windows, the epoch loop; the default) or JukeMIR's
+# (one feature vector per clip of the dataset, random batches; docs/PROBES.md)
+Protocol = Literal["marble", "jukemir"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,9 @@ class Task:
     references: dict[str, dict[str, float]] = field(default_factory=dict)
     # a file's last window shorter than this is dropped (MARBLE: 1 s; JukeMIR's 30 s clips keep whole ones only)
     min_window_seconds: float = 1.0
+    normalise: Normalise = "file"
+    # JukeMIR's clip: the whole file (one feature vector per file), or its 30 s windows (GiantSteps' clips)
+    jukemir_clip: Literal["file", "window"] = "file"
     # how window outputs become a song's (see probes.head.SONG_ENSEMBLES); with several, the best on valid is used
     song_ensembles: tuple[str, ...] = ("mean",)
 

@@ -59,7 +59,7 @@ def shards(corpus, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory) -> Path:
-    """Procedural demo music (12 pieces of 8 s) in 6 shards: what the trainer tests train on."""
+    """Demo music (12 excerpts of 8 s) in 6 shards: what the trainer tests train on."""
     from data.demo import write_demo_corpus
 
     folder = tmp_path_factory.mktemp("demo")
@@ -84,11 +84,11 @@ def two_rank_runs(demo_shards, tmp_path_factory) -> dict[int, Path]:
 
 @pytest.fixture(scope="session")
 def probe_data(tmp_path_factory) -> Path:
-    """The demo probe tasks' clips (written once per test session)."""
+    """The demo probe tasks' clips, fewer than the demo writes (once per test session)."""
     from probes.datasets import demo
 
     root = tmp_path_factory.mktemp("probe_data")
-    demo.prepare(root)
+    demo.prepare(root, clips={"train": 64, "valid": 16, "test": 24})  # enough to train and score heads on
     return root
 
 

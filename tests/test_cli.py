@@ -40,21 +40,21 @@ def test_readme_documents_every_command_and_no_other():
 
 @pytest.mark.slow
 def test_demo_trains_probes_and_learns(music2vec, tmp_path):
-    """`music2vec demo` as the README runs it: music, shards, 600 updates, the nightly probes, and the proof that
-    the pipeline learns: on demo_tempo the pretrained model scores clearly above itself at random initialization.
+    """`music2vec demo` as the README runs it: music, shards, 800 updates, the nightly probes, and the proof that
+    the pipeline learns: on demo_key the pretrained model scores far above itself at random initialisation, on
+    tunes the pretraining never heard.
 
-    demo_tempo rather than demo_key: with 96 training clips, key stays near chance for both models (see the
-    probes' notes in docs/PROBES.md), while tempo separates them by far more than the spread over head seeds. The
-    demo is deterministic (its crops are seeded by location-independent keys), so this is one fixed pretraining
-    run; docs/PROBES.md says how other crop seeds fare.
+    Key rather than tempo: over three pretraining seeds key held in every run and tempo in none (docs/PROBES.md,
+    "What the demo shows"); the tempo scores are printed, not asserted. The demo is deterministic (its crops are
+    seeded by location-independent keys), so this is one fixed pretraining run.
     """
     out = tmp_path / "demo"
     cmd = [music2vec, "demo", "--out", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=900)
     run = out / "run"
     assert (out / "shards" / "manifest.json").is_file()
-    assert (run / "checkpoints" / "step_000000600" / "COMPLETE").is_file()
-    assert (run / "exports" / "step_000000600" / "model.safetensors").is_file()
+    assert (run / "checkpoints" / "step_000000800" / "COMPLETE").is_file()
+    assert (run / "exports" / "step_000000800" / "model.safetensors").is_file()
     loss_line = next(line for line in result.stdout.splitlines() if line.strip().startswith("loss"))
     first, last = (float(word) for word in loss_line.split() if word.replace(".", "").isdigit() and "." in word)
     assert math.isfinite(first)
@@ -62,15 +62,18 @@ def test_demo_trains_probes_and_learns(music2vec, tmp_path):
     assert f"tensorboard --logdir {run / 'tb'}" in result.stdout
     assert (run / "probes" / "report.md").is_file()
 
-    pretrained = scores(run / "probes" / "results.jsonl", "demo_tempo", "r2", step=600)
-    random_init = scores(run / "probes" / "results.jsonl", "demo_tempo", "r2", step=0)  # nightly's --random-init
+    results = run / "probes" / "results.jsonl"
+    pretrained = scores(results, "demo_key", "weighted_score", step=800)
+    random_init = scores(results, "demo_key", "weighted_score", step=0)  # nightly's --random-init
     margin = statistics.mean(pretrained) - statistics.mean(random_init)
     spread = statistics.stdev(pretrained) + statistics.stdev(random_init)
-    print(f"demo_tempo R², seeds 0-2: pretrained {pretrained}, random init {random_init}, margin {margin:.3f}")
+    tempo = [statistics.mean(scores(results, "demo_tempo", "r2", step=step)) for step in (800, 0)]
+    print(f"demo_key, seeds 0-2: pretrained {pretrained}, random init {random_init}, margin {margin:.3f}")
+    print(f"demo_tempo R², pretrained {tempo[0]:.3f}, random init {tempo[1]:.3f}")
     assert len(pretrained) == len(random_init) == 3
-    assert margin > 0.1
-    assert margin > 5 * spread
-    table_line = next(line for line in result.stdout.splitlines() if line.strip().startswith("demo_tempo"))
+    assert margin > 0.15
+    assert margin > 3 * spread
+    table_line = next(line for line in result.stdout.splitlines() if line.strip().startswith("demo_key"))
 
     again = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600)  # reuses everything
     assert "writing" not in again.stdout

@@ -16,12 +16,13 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file
 
-from data.demo import KEYS
+from data.audio import SAMPLE_RATE
+from data.scores import KEYS
 from model import Data2VecAudio, load_hf, save_hf
 from model.config import preset
 from probes.datasets import emomusic, giantsteps, gtzan, magnatagatune
 from probes.datasets.files import DatasetError
-from probes.features import extract, task_features
+from probes.features import extract, normalised_windows, task_features, windows
 from probes.nightly import write_report
 from probes.probe import REGISTRY
 from probes.tasks import Example
@@ -93,6 +94,27 @@ def test_giantsteps_keeps_whole_30_s_windows_only(published):
     whole = extract(encoder, [str(test_track.path)], min_window_seconds=task.min_window_seconds, progress=False)
     marble = extract(encoder, [str(test_track.path)], progress=False)
     assert (len(whole.example), len(marble.example)) == (2, 3)  # 61 s: the 1 s tail only counts at MARBLE's 1 s
+
+
+@pytest.mark.parametrize(("seconds", "count"), [(120.0, 4), (119.99, 4), (119.9, 3), (89.0, 2)])
+def test_a_track_has_as_many_whole_windows_as_jukemir_counts_clips(seconds, count):
+    """A 120.0 s track has four 30 s clips, even when decoding leaves it a few milliseconds short."""
+    audio = np.zeros(round(seconds * SAMPLE_RATE), dtype=np.float32)
+    assert len(windows(audio, min_window_seconds=30.0)) == count
+
+
+def test_giantsteps_normalises_each_window_on_its_own():
+    """JukeMIR and MARBLE normalise each 30 s clip; a quiet intro must not stay quiet beside a loud drop."""
+    rng = np.random.default_rng(0)
+    quiet, loud = 0.1 * rng.standard_normal(30 * SAMPLE_RATE), rng.standard_normal(30 * SAMPLE_RATE)
+    audio = np.concatenate([quiet, loud]).astype(np.float32) + 0.5
+    assert giantsteps.TASKS["giantsteps_key"].normalise == "window"
+    by_window = normalised_windows(audio, 30.0, "window")
+    by_file = normalised_windows(audio, 30.0, "file")
+    assert [round(float(w.std()), 2) for w in by_window] == [1.0, 1.0]
+    assert [round(float(w.mean()), 3) for w in by_window] == [0.0, 0.0]
+    assert by_file[0].std() < 0.2  # the file's statistics: the intro stays quiet, the drop loud
+    assert by_file[1].std() > 1.3
 
 
 def copy_tree(published, tmp_path) -> Path:

@@ -1,4 +1,4 @@
-"""Procedural demo music: deterministic, labelled, and in the key its label says."""
+"""Demo music: rendered compositions, deterministic, labelled, and in the key its label says."""
 
 import json
 import tarfile
@@ -6,7 +6,8 @@ import tarfile
 import numpy as np
 
 from data import ShardParams, write_shards
-from data.demo import INSTRUMENTS, KEYS, PITCHED, generate, write_demo_corpus
+from data.demo import INSTRUMENTS, KEYS, PITCHED, POOLS, folk_tunes, generate, write_demo_corpus
+from data.scores import ScoreNote, harmonise, load_work, triad, tune_numbers
 
 # Krumhansl-Kessler key profiles, C major and C minor.
 MAJOR = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
@@ -37,9 +38,9 @@ def test_same_seed_same_clip_and_labels():
 
 
 def test_labels_are_well_formed_and_cover_the_label_space():
-    seen_keys, seen_instruments = set(), set()
-    for seed in range(60):
-        audio, labels = generate(seed, seconds=2.0)
+    seen_keys, seen_modes, seen_instruments, works = set(), set(), set(), set()
+    for seed in range(40):
+        audio, labels = generate(seed, seconds=2.0, pool="probe")
         assert audio.dtype == np.float32
         assert audio.shape == (32_000,)
         assert 0.1 < np.abs(audio).max() <= 0.5
@@ -47,17 +48,75 @@ def test_labels_are_well_formed_and_cover_the_label_space():
         assert 70 <= labels["tempo"] <= 160
         assert 1 <= len(labels["instruments"]) <= 4
         assert set(labels["instruments"]) <= set(INSTRUMENTS)
-        assert set(labels["instruments"]) & set(PITCHED)  # someone always plays the harmony
+        assert set(labels["instruments"]) & set(PITCHED)  # someone always plays the tune
         seen_keys.add(labels["key"])
+        seen_modes.add(labels["key"].split()[1])
         seen_instruments.update(labels["instruments"])
-    assert len(seen_keys) >= 18
+        works.add(labels["work"])
+    assert len(seen_keys) >= 14
+    assert seen_modes == {"major", "minor"}
     assert seen_instruments == set(INSTRUMENTS)
+    assert len(works) >= 35  # a corpus of tunes, not a handful
 
 
 def test_a_standard_key_finder_hears_the_labelled_key():
+    """The label is the key the score declares, transposed; a key finder that knows nothing of the score agrees."""
     seeds = range(40)
-    hits = sum(estimate_key(audio) == labels["key"] for audio, labels in (generate(seed, 10.0) for seed in seeds))
-    assert hits / len(seeds) >= 0.6  # chance is 1/24; relative major/minor confusions make up most misses
+    clips = (generate(seed, 10.0, pool="probe") for seed in seeds)
+    hits = sum(estimate_key(audio) == labels["key"] for audio, labels in clips)
+    assert hits / len(seeds) >= 0.7  # chance is 1/24; relative major/minor confusions make up most misses
+
+
+def test_the_pools_share_no_work_and_leave_the_bach_chorales_out():
+    pretraining, probe = (
+        {(book, number) for book in POOLS[name].folk for number in tune_numbers(book)}
+        for name in ("pretraining", "probe")
+    )
+    assert len(pretraining) > 500
+    assert len(probe) > 500
+    assert not {number for _, number in pretraining} & {number for _, number in probe}  # O'Neill's tune numbers
+    assert not POOLS["probe"].quartets
+    splits = [set(folk_tunes(POOLS[f"probe_{split}"])) for split in ("train", "valid", "test")]
+    assert sum(map(len, splits)) == len(set.union(*splits)) == len(folk_tunes(POOLS["probe"]))  # no tune in two
+    sources = [*POOLS["pretraining"].quartets, *POOLS["pretraining"].folk, *POOLS["probe"].folk]
+    assert not [source for source in sources if "bach" in source.lower()]
+
+
+def test_a_clip_plays_the_work_its_label_names_in_the_labelled_key():
+    """Of the 12 transpositions of the named work's notes, the clip's chroma matches the one its key label implies."""
+    for seed in range(6):
+        audio, labels = generate(seed, seconds=8.0, pool="probe")
+        work = load_work(labels["work"])
+        assert labels["key"].split()[1] == work.mode
+        labelled_shift = (KEYS.index(labels["key"]) - KEYS.index(work.key)) % 12
+        notes = [*work.melody, *work.bass, *(note for part in work.accompaniment for note in part)]
+        histogram = np.bincount([note.midi % 12 for note in notes], [note.duration for note in notes], minlength=12)
+        fit = [np.corrcoef(np.roll(histogram, shift), chroma(audio))[0, 1] for shift in range(12)]
+        assert int(np.argmax(fit)) == labelled_shift, (labels, fit)
+
+
+def test_the_harmonisation_vamps_the_triad_under_the_melody_and_ends_on_the_tonic():
+    c_major = [(60, 64, 67), (65, 69, 72), (67, 71, 74), (64, 67, 72)]  # I, IV, V, then I again but not last
+    melody = tuple(
+        ScoreNote(4.0 * bar + beat, 1.0, tones[beat % 3]) for bar, tones in enumerate(c_major) for beat in range(4)
+    )
+    chords, roots = harmonise(melody, (0.0, 4.0, 8.0, 12.0), 16.0, tonic=0, mode="major", beat=1.0)
+    in_bar = [[note for note in chords if 4 * bar <= note.onset < 4 * bar + 4] for bar in range(4)]
+    assert [sorted({note.midi % 12 for note in notes}) for notes in in_bar] == [
+        [0, 4, 7],
+        [0, 5, 9],
+        [2, 7, 11],
+        [0, 4, 7],
+    ]
+    assert [note.onset for note in roots] == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0]  # "oom" on beats 1 and 3
+    assert [note.midi % 12 for note in roots] == [0, 0, 5, 5, 7, 7, 0, 0]
+    assert sorted({note.onset % 4 for note in chords}) == [1.0, 3.0]  # "pah" on beats 2 and 4
+    waltz = harmonise(melody[:3], (0.0,), 3.0, tonic=0, mode="major", beat=1.0)
+    assert [note.onset for note in waltz[1]] == [0.0]  # oom-pah-pah
+    assert sorted({note.onset for note in waltz[0]}) == [1.0, 2.0]
+    pickup = harmonise(melody[:1], (0.0, 1.0), 5.0, tonic=0, mode="major", beat=1.0)  # one beat before the bar
+    assert [note.onset for note in pickup[1]] == [1.0, 3.0]  # the downbeat is after the pickup
+    assert triad(tonic=9, mode="minor", root_degree=4) == (4, 8, 11)  # E major in A minor: the leading tone G#
 
 
 def test_labels_travel_into_the_shard_records(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from probes.nightly import RunBusyError, nightly, nightly_runs, read_results
+from probes.nightly import RunBusyError, nightly, nightly_runs, read_results, scalar_tag, write_report
 from probes.probe import REGISTRY, ProbeSettings
 from trainer.checkpoint import prune
 from trainer.cli import main
@@ -128,6 +128,7 @@ def test_a_local_nightly_job_probes_the_run_and_keeps_its_log_there(run_dir, pro
         (["--executor", "local", "--every", "24h"], "--every needs --executor slurm"),
         (["--executor", "slurm", "--every", "tomorrow"], "--every 'tomorrow': expected a positive interval"),
         (["--executor", "local", "--tasks", "gtzan"], r"GTZAN/train_filtered.txt: missing"),
+        (["--executor", "local", "--protocol", "jukemir"], "--protocol jukemir probes one hidden state at a time"),
     ],
 )
 def test_a_nightly_job_that_would_fail_is_refused_before_it_is_queued(run_dir, probe_data, flags, message, capsys):
@@ -223,3 +224,28 @@ def test_nightly_layer_by_layer_with_the_random_init_as_reference(run_dir, probe
 
     assert main(["nightly", str(run_dir), *flags, "--layers", "0", "4", "--random-init"]) == 0
     assert read_results(run_dir) == rows  # nothing probed twice
+
+
+def test_the_report_results_and_scalars_keep_the_protocols_apart(tmp_path):
+    """One task probed under both protocols: two results, two report tables (each beside the published values),
+    two TensorBoard tags."""
+    run = tmp_path / "run"
+    (run / "probes").mkdir(parents=True)
+    rows = [
+        {"step": 10, "task": "giantsteps_key", "metric": "weighted_score", "value": value, "primary": True,
+         "seed": 0, "head": {"layer": 2}, **({"protocol": protocol} if protocol else {})}
+        for protocol, value in ((None, 0.25), ("jukemir", 0.5))  # a row from before protocols were recorded
+    ]  # fmt: skip
+    (run / "probes" / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert sorted(row["value"] for row in read_results(run)) == [0.25, 0.5]
+    report = write_report(run).read_text()
+    marble, jukemir = report.split("## giantsteps_key@jukemir")
+    assert "## giantsteps_key\n" in marble
+    assert "0.2500" in marble
+    assert "0.5000" in jukemir
+    assert marble.count("0.501") == jukemir.count("0.501") == 1  # Music2Vec's published score in each table
+    assert (
+        scalar_tag("giantsteps_key", 2, "weighted_score", "jukemir")
+        == "probe/giantsteps_key/jukemir/layer02/weighted_score"
+    )
+    assert scalar_tag("giantsteps_key", None, "weighted_score") == "probe/giantsteps_key/weighted_score"

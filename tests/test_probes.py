@@ -1,6 +1,7 @@
 """Probes: song-level metrics, 30 s windows, the feature cache, and `music2vec probe` on a real export."""
 
 import json
+import re
 import subprocess
 import sys
 from dataclasses import astuple
@@ -15,12 +16,26 @@ from conftest import tone
 from data.audio import SAMPLE_RATE
 from model import Data2VecAudio, save_hf
 from model.config import preset
-from probes.datasets import demo
+from probes.datasets import demo, emomusic, giantsteps
 from probes.datasets.files import DatasetError
 from probes.features import Features, extract, model_folder, task_features, windows
-from probes.head import SONG_ENSEMBLES, HeadConfig, best_on_valid, jukemir_grid, lr_sweep, song_outputs, train_probe
+from probes.head import (
+    JUKEMIR_EVALUATE_EVERY,
+    JUKEMIR_PATIENCE,
+    SONG_ENSEMBLES,
+    HeadConfig,
+    LayerWeightedMLP,
+    best_on_valid,
+    fit_jukemir,
+    jukemir_grid,
+    lr_sweep,
+    probe_inputs,
+    song_outputs,
+    train_probe,
+)
 from probes.metrics import key_weighted_score, score
 from probes.tasks import Example, Task
+from trainer.cli import main
 
 MUSIC2VEC = str(Path(sys.executable).parent / "music2vec")
 KEY = demo.TASKS["demo_key"]
@@ -247,3 +262,54 @@ def test_song_ensembles_combine_windows_as_jukemir_does():
         "vote": [1, 1],  # song 1's tie between classes 1 and 2 goes to the lower one
         "mean_softmax": [1, 1],  # one confident window outweighs two others in logits, not in probabilities
     }
+
+
+def test_jukemir_loop_stops_after_256_evaluations_without_a_better_score_and_keeps_the_best_head():
+    task = Task("toy", "multiclass", ("a", "b"), monitor="accuracy")
+    examples, features = separable(64, signal_layer=1)
+    cfg = HeadConfig(hidden=0, layer=1, lr=1e-2)
+    inputs = probe_inputs(task, examples, features, cfg)
+    head = LayerWeightedMLP(1, 8, 2, cfg)
+    scores = iter([0.1, 0.5, 0.7, 0.6])  # three better scores, then a worse one, then the same forever
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def validate() -> float:
+        seen.append({name: value.clone() for name, value in head.state_dict().items()})
+        return next(scores, 0.7)
+
+    steps = fit_jukemir(head, task, inputs, cfg, seed=0, validate=validate)
+    assert steps == (3 + JUKEMIR_PATIENCE) * JUKEMIR_EVALUATE_EVERY
+    assert len(seen) == 3 + JUKEMIR_PATIENCE
+    best = seen[2]  # the third evaluation's weights: the first 0.7
+    assert all(torch.equal(head.state_dict()[name], value) for name, value in best.items())
+    assert not torch.equal(seen[-1]["mlp.1.weight"], best["mlp.1.weight"])  # training went on after it
+
+
+def test_jukemir_protocol_takes_one_feature_vector_per_clip(export, tmp_path):
+    """Emomusic's 45 s clips: MARBLE's 30 s + 15 s windows, one vector under JukeMIR's protocol; GiantSteps' clips
+    are its 30 s windows under both."""
+    path = tmp_path / "clip.wav"
+    sf.write(path, tone(45.0, SAMPLE_RATE, seed=3), SAMPLE_RATE)
+    examples = [Example(path, "train", (0.5, 0.5))]
+    emo = emomusic.TASKS["emomusic"]
+    marble = task_features(export, emo, examples, cache=tmp_path / "cache", progress=False)
+    jukemir = task_features(export, emo, examples, cache=tmp_path / "cache", progress=False, protocol="jukemir")
+    assert (len(marble.example), len(jukemir.example)) == (2, 1)
+    assert not torch.allclose(jukemir.values[0], marble.values.mean(dim=0))  # the whole clip at once, not a mean
+    key = giantsteps.TASKS["giantsteps_key"]
+    clips = task_features(export, key, [Example(path, "test", 0)], cache=tmp_path / "cache", protocol="jukemir")
+    assert len(clips.example) == 1  # one whole 30 s window; the 15 s tail is dropped
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [([], r"--protocol jukemir probes one hidden state at a time"),
+     (["--layers", "2", "--search", "lr"], r"leave out --search lr")],
+)  # fmt: skip
+def test_jukemir_protocol_needs_a_named_layer_and_no_other_search(export, tmp_path, options, message, capsys):
+    with pytest.raises(SystemExit) as exited:  # the command's own entry point, in this process
+        main(["probe", str(export), "--tasks", "demo_key", "--data-root", str(tmp_path / "none"),
+              "--cache-dir", str(tmp_path), "--protocol", "jukemir", *options])  # fmt: skip
+    assert exited.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "none").exists()  # nothing prepared, nothing extracted

@@ -20,7 +20,7 @@ ARRAY_TASK_JOBS = 8  # an array task's CPUs unless --jobs says: the login node's
 def _demo(args: argparse.Namespace) -> int:
     from trainer.demo import run_demo
 
-    run_demo(Path(args.out), clips=args.clips, steps=args.steps, probes=not args.no_probes)
+    run_demo(Path(args.out), clips=args.clips, steps=args.steps, seed=args.seed, probes=not args.no_probes)
     return 0
 
 
@@ -297,6 +297,7 @@ def _probe_settings(args: argparse.Namespace) -> Any:
         progress=sys.stderr.isatty(),  # a bar on a terminal; nothing in a job's log
         task_files=tuple(Path(path).resolve() for path in args.task_file or ()),
         random_init=getattr(args, "random_init", False),
+        protocol=args.protocol,
     )
 
 
@@ -362,13 +363,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_demo(commands: Any) -> None:
     demo = commands.add_parser(
-        "demo", help="the embedded default job: procedural music -> shards -> the tiny model trained -> probes"
+        "demo", help="the embedded default job: rendered compositions -> shards -> the tiny model trained -> probes"
     )
     demo.add_argument(
         "--out", default="runs/demo", help="folder for the corpus, shards and run (default: %(default)s)"
     )
-    demo.add_argument("--clips", type=int, default=48, help="30 s pieces of demo music (default: %(default)s)")
-    demo.add_argument("--steps", type=int, default=600, help="optimizer updates (default: %(default)s)")
+    demo.add_argument("--clips", type=int, default=48, help="30 s excerpts of demo music (default: %(default)s)")
+    demo.add_argument("--steps", type=int, default=800, help="optimizer updates (default: %(default)s)")
+    demo.add_argument(
+        "--seed",
+        type=int,
+        default=1,
+        help="the pretraining's seed: initialisation, crops, masks (default: %(default)s)",
+    )
     demo.add_argument("--no-probes", action="store_true", help="stop after training: no demo-task probes")
     demo.set_defaults(run=_demo)
 
@@ -493,6 +500,13 @@ def _add_probe_settings(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="a probe per hidden state, 0 being the transformer's input: indices, or 'all' for a layer-wise curve"
         " (default: learned weights over 1..L)",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=("marble", "jukemir"),
+        default="marble",
+        help="MARBLE's probe (30 s windows, the epoch loop) or JukeMIR's: one feature vector per clip of the layer"
+        " --layers names, its 216-head grid, random batches, validation every 8 steps (default: %(default)s)",
     )
     parser.add_argument(
         "--search",

@@ -1,4 +1,4 @@
-"""`music2vec demo`, the embedded default job: procedural music -> shards -> the tiny model trained with DeepSpeed
+"""`music2vec demo`, the embedded default job: rendered compositions -> shards -> the tiny model trained with DeepSpeed
 -> the nightly probe job on the demo tasks, beside the same model at its random initialization.
 
 Everything lands under one folder (runs/demo by default); running the demo again reuses what is there, so a second
@@ -30,7 +30,7 @@ TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 def prepare_shards(out: Path, clips: int) -> Path:
     manifest = out / "shards" / "manifest.json"
     if not manifest.is_file():
-        print(f"writing {clips} pieces of procedural music to {out / 'audio'} ...")
+        print(f"writing {clips} excerpts of compositions from music21's corpus to {out / 'audio'} ...")
         write_demo_corpus(out / "audio", clips, seed=0, seconds=30.0)
         write_shards([str(out / "audio")], out / "shards", ShardParams(max_count=8), jobs=2)
     return manifest
@@ -39,10 +39,12 @@ def prepare_shards(out: Path, clips: int) -> Path:
 PROBE_SEEDS = (0, 1, 2)
 
 
-def run_demo(out: Path, *, clips: int, steps: int, probes: bool = True) -> Path:
-    """The demo's run directory, trained (unless a finished demo is already there) and probed."""
+def run_demo(out: Path, *, clips: int, steps: int, seed: int = 1, probes: bool = True) -> Path:
+    """The demo's run directory, trained (unless a finished demo is already there) and probed. `seed` is the
+    pretraining's: the model's initialisation, and the crops and masks the loader draws."""
     manifest = prepare_shards(out, clips)
     overrides = [f"data.shards={manifest}", f"train.run_dir={out / 'run'}", f"optim.max_updates={steps}"]
+    overrides += [f"train.seed={seed}", f"data.seed={seed}", "train.keep_last=1"]  # the probes score the last
     cfg = load_config(TINY, overrides)
     run_dir = Path(cfg.train.run_dir)
     done = latest_complete(run_dir)

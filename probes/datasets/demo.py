@@ -1,5 +1,6 @@
-"""The demo tasks on procedural music (`data/demo.py`): key (24 classes), tempo (regression) and instruments
-(multi-label), each with train / valid / test clips that no pretraining corpus contains (another seed)."""
+"""The demo tasks on rendered compositions (`data/demo.py`): key (24 classes), tempo (regression) and instruments
+(multi-label), each with train / valid / test clips of the demo's probe pool: tunes the pretraining corpus never
+plays, each split its own tunes."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from data.demo import INSTRUMENTS, KEYS, write_demo_corpus
 from probes.tasks import Example, Task
 
 FOLDER = "demo"
-CLIPS = {"train": 96, "valid": 32, "test": 32}
-SECONDS = 15.0
-SEED = 7  # `music2vec demo` pretrains on seed 0
+CLIPS = {"train": 384, "valid": 64, "test": 128}
+SECONDS = 10.0
+SEED = 7
 
 TASKS = {
     "demo_key": Task("demo_key", "multiclass", KEYS, monitor="weighted_score", lr=1e-3),
@@ -21,13 +22,13 @@ TASKS = {
 }
 
 
-def prepare(data_root: Path) -> Path:
-    """Write the demo clips under DATA_ROOT/demo once (a few seconds); later calls reuse them."""
+def prepare(data_root: Path, clips: dict[str, int] = CLIPS) -> Path:
+    """Write the demo clips under DATA_ROOT/demo once (about a minute); later calls reuse them, however many."""
     folder = Path(data_root) / FOLDER
     done = folder / "COMPLETE"
     if not done.is_file():
-        for offset, (split, count) in enumerate(CLIPS.items()):
-            write_demo_corpus(folder / split, count, seed=SEED * 10 + offset, seconds=SECONDS)
+        for offset, (split, count) in enumerate(clips.items()):
+            write_demo_corpus(folder / split, count, seed=SEED * 10 + offset, seconds=SECONDS, pool=f"probe_{split}")
         done.write_text("")
     return folder
 

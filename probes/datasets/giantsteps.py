@@ -10,14 +10,15 @@ Layout under DATA_ROOT (MARBLE's `data/GS`: clones of the two GitHub datasets, w
 
 MTG tracks count only with confidence 2 and a single key (Korzeniowski and Widmer 2018). Their artists are
 split 100:16 by name hash, and every collaborator of a valid artist is valid too (two hops), as in JukeMIR.
-Tracks are scored in whole 30 s windows only (JukeMIR's clips drop the incomplete tail).
+Tracks are scored in whole 30 s windows only, each normalised on its own, as JukeMIR and MARBLE cut and normalise
+their clips (a 120.0 s track has four; the incomplete tail is dropped).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from data.demo import KEYS
+from data.scores import KEYS
 from probes.datasets.files import DatasetError, hash_split, read_table, read_text, require_audio
 from probes.tasks import Example, Task
 
@@ -36,6 +37,8 @@ TASKS = {
         stop_patience=20,
         references={"Music2Vec": {"weighted_score": 0.501}, "Jukebox": {"weighted_score": 0.667}},
         min_window_seconds=30.0,
+        normalise="window",
+        jukemir_clip="window",
         song_ensembles=("vote", "max_logit", "mean", "mean_softmax"),  # JukeMIR: chosen on validation
     )
 }

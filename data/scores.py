@@ -1,11 +1,12 @@
 """Compositions from music21's corpus, reduced to what the demo's synthesiser plays.
 
 A `Work` is a score's parts as notes in quarter-note time, its measures, the beat of its meter and the key the score
-declares (MusicXML's key with its mode, ABC's K: field).
-Scores are parsed from their source files (MusicXML, ABC) with music21's converter, never from music21's pickle
-cache: nothing this project loads may run code. A monophonic folk song gets a harmonisation, one diatonic triad per
-measure (the one whose tones cover most of the measure's melody, the tonic at the end), played as a vamp, so that it
-carries harmony and a pulse as well as melody; polyphonic works play as written.
+declares (MusicXML's key with its mode, ABC's K: field). Scores are parsed from their source files (MusicXML, ABC)
+with music21's converter, never from music21's pickle cache: nothing this project loads may run code.
+
+A monophonic folk tune gets a harmonisation: one diatonic triad per measure (the one whose tones cover most of the
+measure's melody, the tonic at the end), played as a vamp, so that it carries harmony and a pulse as well as
+melody. Polyphonic works play as written.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class Work:
     length: float  # quarter notes
     melody: tuple[ScoreNote, ...]  # the top part
     accompaniment: tuple[tuple[ScoreNote, ...], ...]  # the other parts from the top down, or the harmonisation
-    bass: tuple[ScoreNote, ...]  # the lowest part (or the harmonisation's roots); empty for a single line
+    bass: tuple[ScoreNote, ...]  # the lowest part, or the harmonisation's roots
 
     @property
     def key(self) -> str:

@@ -187,7 +187,8 @@ def _candidates(settings: ProbeSettings, layer: int | None) -> list[HeadConfig]:
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
-    """task, layer, metric, mean ± std over seeds (and how many seeds), primary metrics first."""
+    """task, layer, metric, mean ± std over seeds (and how many seeds), primary metrics first; headed by the
+    protocol when it is JukeMIR's."""
     groups: dict[tuple[str, int | None, str], list[float]] = {}
     primary: dict[tuple[str, int | None, str], bool] = {}
     for row in rows:
@@ -199,11 +200,9 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
         task, layer, _ = key
         return task, -1 if layer is None else layer, not primary[key]
 
-    protocols = sorted({row.get("protocol", "marble") for row in rows})
-    lines = [
-        f"probed under {' and '.join(protocols)}'s protocol",
-        "task                 layer    metric               test (mean ± std over seeds)",
-    ]
+    lines = ["task                 layer    metric               test (mean ± std over seeds)"]
+    if any(row.get("protocol") == "jukemir" for row in rows):
+        lines.insert(0, "under JukeMIR's probe protocol (--protocol jukemir)")
     for key in sorted(groups, key=order):
         task, layer, metric = key
         values = groups[key]

@@ -172,9 +172,23 @@ def init_distributed(env: DistributedEnvironment, *, job_gpus: int | None = None
     elif (reason := gpus_requested(job_gpus=job_gpus)) is not None:
         raise GPUUnavailableError(gpu_unavailable_message(reason))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "gloo":
+        skip_shared_memory_collectives()
     timeout = timedelta(seconds=timeout_s)
     default_timeout_for_new_groups(timeout)
     deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
+
+
+def skip_shared_memory_collectives() -> None:
+    """Keep DeepSpeed from compiling its CPU shared-memory collectives when it starts a gloo group.
+
+    It builds them from C++ at its first CPU start in every environment (half a minute, and a failed run where
+    there is no compiler), for its inference all-reduce alone: training reduces over gloo. DeepSpeed keeps the
+    answer to "can this op be built here" in one dict, read when the group starts, and edits to it persist.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def default_timeout_for_new_groups(timeout: timedelta) -> None:

@@ -88,7 +88,7 @@ def _reduce(source: str, score) -> Work:  # noqa: ANN001 (a music21 Score; music
     key = next(iter(score.recurse().getElementsByClass("Key")), None)
     if key is None or key.mode not in MODES:
         raise ValueError(f"{source} is in no major or minor key ({key.mode if key is not None else 'none declared'})")
-    parts = [notes for notes in (_notes(part) for part in (score.parts or [score])) if notes]
+    parts = [notes for notes in (part_notes(part) for part in (score.parts or [score])) if notes]
     if not parts:
         raise ValueError(f"{source} has no notes")
     meter = next(iter(score.recurse().getElementsByClass("TimeSignature")), None)
@@ -103,15 +103,33 @@ def _reduce(source: str, score) -> Work:  # noqa: ANN001 (a music21 Score; music
     return Work(source, tonic, mode, beat, measures, length, parts[0], tuple(parts[1:-1]), parts[-1])
 
 
-def _notes(part) -> tuple[ScoreNote, ...]:  # noqa: ANN001 (a music21 Part)
-    """Every sounding pitch with ties joined; grace notes (no duration) left out."""
-    notes = []
-    for element in part.stripTies().flatten().notes:
+def part_notes(part) -> tuple[ScoreNote, ...]:  # noqa: ANN001 (a music21 Part)
+    """Every sounding pitch, a chain of notes tied on that pitch as one note; grace notes (no duration) left out.
+    Ties are joined here rather than by music21's stripTies, which re-sorts the part at every tie (a third of a
+    quartet's parse) and joins a tie across a chord's pitches, or from one pitch to another, as a single note."""
+    notes: list[list[float]] = []  # [onset, duration, midi]
+    tied: dict[int, int] = {}  # midi -> the index in `notes` of the note a tie on that pitch carries on
+    for element in part.flatten().notes:
         duration = float(element.quarterLength)
         if duration <= 0:
             continue
-        notes += [ScoreNote(float(element.offset), duration, int(pitch.midi)) for pitch in element.pitches]
-    return tuple(sorted(notes, key=lambda note: (note.onset, note.midi)))
+        ties = [note.tie for note in element.notes] if element.isChord else [element.tie] * len(element.pitches)
+        for pitch, tie in zip(element.pitches, ties, strict=True):
+            midi = int(pitch.midi)
+            kind = tie.type if tie is not None else None
+            if kind in ("continue", "stop") and midi in tied:
+                index = tied.pop(midi)
+                notes[index][1] += duration
+            else:
+                index = len(notes)
+                notes.append([float(element.offset), duration, midi])
+            if kind in ("start", "continue"):
+                tied[midi] = index
+    return tuple(sorted((ScoreNote(onset, length, int(midi)) for onset, length, midi in notes), key=_by_onset))
+
+
+def _by_onset(note: ScoreNote) -> tuple[float, int]:
+    return note.onset, note.midi
 
 
 def triad(tonic: int, mode: str, root_degree: int) -> tuple[int, int, int]:

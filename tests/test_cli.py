@@ -41,8 +41,8 @@ def test_readme_documents_every_command_and_no_other():
 @pytest.mark.slow
 def test_demo_trains_probes_and_learns(music2vec, tmp_path):
     """`music2vec demo` as the README runs it: music, shards, 800 updates, the nightly probes, and the proof that
-    the pipeline learns: on demo_key the pretrained model scores far above itself at random initialisation, on
-    tunes the pretraining never heard.
+    the pipeline learns: on demo_key every probe head of the pretrained model scores above every head of the same
+    model at random initialisation, by more than 0.15 on average, on tunes the pretraining never heard.
 
     Key rather than tempo: over three pretraining seeds key held in every run and tempo in none (docs/PROBES.md,
     "What the demo shows"); the tempo scores are printed, not asserted. The demo is deterministic (its crops are
@@ -66,13 +66,12 @@ def test_demo_trains_probes_and_learns(music2vec, tmp_path):
     pretrained = scores(results, "demo_key", "weighted_score", step=800)
     random_init = scores(results, "demo_key", "weighted_score", step=0)  # nightly's --random-init
     margin = statistics.mean(pretrained) - statistics.mean(random_init)
-    spread = statistics.stdev(pretrained) + statistics.stdev(random_init)
     tempo = [statistics.mean(scores(results, "demo_tempo", "r2", step=step)) for step in (800, 0)]
     print(f"demo_key, seeds 0-2: pretrained {pretrained}, random init {random_init}, margin {margin:.3f}")
     print(f"demo_tempo R², pretrained {tempo[0]:.3f}, random init {tempo[1]:.3f}")
     assert len(pretrained) == len(random_init) == 3
+    assert min(pretrained) > max(random_init)  # were the two alike, 3 heads a side would order so 1 time in 20
     assert margin > 0.15
-    assert margin > 3 * spread
     table_line = next(line for line in result.stdout.splitlines() if line.strip().startswith("demo_key"))
 
     again = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600)  # reuses everything

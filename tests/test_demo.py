@@ -4,10 +4,11 @@ import json
 import tarfile
 
 import numpy as np
+from music21 import chord, stream, tie
 
 from data import ShardParams, write_shards
 from data.demo import INSTRUMENTS, KEYS, PITCHED, POOLS, folk_tunes, generate, write_demo_corpus
-from data.scores import ScoreNote, harmonise, load_work, triad, tune_numbers
+from data.scores import ScoreNote, harmonise, load_work, part_notes, triad, tune_numbers
 
 # Krumhansl-Kessler key profiles, C major and C minor.
 MAJOR = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
@@ -117,6 +118,18 @@ def test_the_harmonisation_vamps_the_triad_under_the_melody_and_ends_on_the_toni
     pickup = harmonise(melody[:1], (0.0, 1.0), 5.0, tonic=0, mode="major", beat=1.0)  # one beat before the bar
     assert [note.onset for note in pickup[1]] == [1.0, 3.0]  # the downbeat is after the pickup
     assert triad(tonic=9, mode="minor", root_degree=4) == (4, 8, 11)  # E major in A minor: the leading tone G#
+
+
+def test_a_tie_joins_the_notes_of_one_pitch_only():
+    """O'Neill's 6 opens `G-E`: a tie written between two pitches, so both sound. In a chord, only the tied pitch
+    holds on."""
+    opening = load_work("oneills1850/0001-0050.abc#6").melody[:2]
+    assert opening == (ScoreNote(0.0, 0.5, 67), ScoreNote(0.5, 0.5, 64))
+    first, second = chord.Chord(["C4", "E4"]), chord.Chord(["C4", "G4"])
+    first.notes[0].tie, second.notes[0].tie = tie.Tie("start"), tie.Tie("stop")
+    part = stream.Part()
+    part.append([first, second])
+    assert part_notes(part) == (ScoreNote(0.0, 2.0, 60), ScoreNote(0.0, 1.0, 64), ScoreNote(1.0, 1.0, 67))
 
 
 def test_labels_travel_into_the_shard_records(tmp_path):

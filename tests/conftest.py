@@ -1,11 +1,14 @@
 """Shared fixtures: a small corpus of real audio files, shards written from it by the project's writer, demo music,
 and one training rank in this process."""
 
+import contextlib
 import csv
+import fcntl
 import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -118,20 +121,41 @@ LOCAL_SLURM = Path(__file__).resolve().parents[1] / "cluster" / "testing" / "loc
 
 
 @pytest.fixture(scope="session")
-def slurm() -> str:
-    """The local cluster's default partition (its one node on this machine); the cluster is started for these tests
-    (and stopped after them) unless it was already running."""
+def slurm(tmp_path_factory) -> str:
+    """The local cluster's default partition (its one node on this machine). The cluster is started for these tests
+    unless it was already running, and then stopped when the last test process using it is done: pytest-xdist's
+    workers share one cluster, registered in the folder above their own temporary folders (as xdist suggests)."""
     if os.geteuid() != 0:
         pytest.skip("the local SLURM cluster needs root: it installs packages and runs munged, slurmctld and slurmd")
     if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
         pytest.skip("SLURM is not installed and there is no apt-get to install it")
-    running = subprocess.run(["bash", str(LOCAL_SLURM), "status"], capture_output=True, check=False).returncode == 0
-    if not running:
-        started = subprocess.run(["bash", str(LOCAL_SLURM), "start"], capture_output=True, text=True, check=False)
-        assert started.returncode == 0, f"local_slurm.sh start failed:\n{started.stderr[-3000:]}"
+    users = tmp_path_factory.getbasetemp().parent / "local-slurm-users"
+    me = users / str(os.getpid())
+    with _cluster_lock(users):
+        if subprocess.run(["bash", str(LOCAL_SLURM), "status"], capture_output=True, check=False).returncode != 0:
+            started = subprocess.run(["bash", str(LOCAL_SLURM), "start"], capture_output=True, text=True, check=False)
+            assert started.returncode == 0, f"local_slurm.sh start failed:\n{started.stderr[-3000:]}"
+            (users / "started").touch()  # by the tests: theirs to stop
+        me.touch()
     yield next(partition.rstrip("*") for partition in partitions() if partition.endswith("*"))
-    if not running:
-        subprocess.run(["bash", str(LOCAL_SLURM), "stop"], capture_output=True, check=True)
+    with _cluster_lock(users):
+        me.unlink()
+        if (users / "started").exists() and not _live(users):
+            subprocess.run(["bash", str(LOCAL_SLURM), "stop"], capture_output=True, check=True)
+            (users / "started").unlink()
+
+
+@contextlib.contextmanager
+def _cluster_lock(users: Path) -> Iterator[None]:
+    users.mkdir(mode=0o700, exist_ok=True)
+    with (users / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _live(users: Path) -> list[Path]:
+    """The registrations of test processes still alive (one that was killed left its file behind)."""
+    return [path for path in users.iterdir() if path.name.isdigit() and Path(f"/proc/{path.name}").exists()]
 
 
 @pytest.fixture(scope="session")

@@ -168,13 +168,13 @@ def _job_processes(job_id: str) -> list[int]:
 
 
 def test_bad_config_is_refused_before_submission(slurm, demo_shards, tmp_path):
-    accounted = ["sacct", "--allocations", "--noheader", "--parsable2", "-o", "JobID"]
-    before = subprocess.run(accounted, capture_output=True, text=True, check=True).stdout
-    result = run(launch_command(demo_shards, tmp_path / "run", "optim.lr=-1", f"--partition={slurm}"))
+    name = f"refused-{tmp_path.name}"  # other tests may submit meanwhile: this one looks for its own job only
+    command = launch_command(demo_shards, tmp_path / "run", "optim.lr=-1", f"cluster.job_name={name}")
+    result = run([*command, f"--partition={slurm}"])
     assert result.returncode == 2
     assert "optim.lr=-1.0 must be positive" in result.stderr
-    after = subprocess.run(accounted, capture_output=True, text=True, check=True).stdout
-    assert after == before, "nothing may be queued"
+    accounted = ["sacct", "--allocations", "--noheader", "--parsable2", "-o", "JobID", "--name", name]
+    assert subprocess.run(accounted, capture_output=True, text=True, check=True).stdout == "", "nothing may be queued"
     assert not (tmp_path / "run").exists()
 
 

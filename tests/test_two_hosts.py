@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import LOCAL_SLURM
 from test_slurm import UPDATES, in_queue, launch_command, losses, run, slurm_states, wait_until
 
 from cluster.attempts import latest_job
@@ -44,6 +45,18 @@ def reference(twohosts, demo_shards, tmp_path_factory) -> tuple[Path, int]:
     result = run(two_host_command(demo_shards, run_dir, twohosts, "--wait"))
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     return run_dir, bridge_bytes(HOSTS[1]) - before
+
+
+@pytest.mark.usefixtures("twohosts")
+def test_status_finds_every_daemon_that_start_recorded():
+    """The two hosts' slurmds are started through nsenter, and the binary is an alternatives link (slurmd-wlm):
+    `status`, and a second `start` (which test processes sharing the cluster run), must still know them as alive,
+    or the second `start` would restart the cluster under the first one's jobs."""
+    status = subprocess.run(["bash", str(LOCAL_SLURM), "status"], capture_output=True, text=True, check=False)
+    assert status.returncode == 0, status.stdout
+    assert {"slurmd-m2v-node1 running", "slurmd-m2v-node2 running"} <= set(status.stdout.splitlines())
+    again = subprocess.run(["bash", str(LOCAL_SLURM), "start"], capture_output=True, text=True, check=True)
+    assert "already running" in again.stderr
 
 
 def test_one_rank_runs_on_each_host_and_they_meet_over_the_bridge(reference):

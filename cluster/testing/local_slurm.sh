@@ -60,7 +60,7 @@ alive() { local entry; entry=$(lookup "$1"); [ -n "$entry" ] && ours $entry; }
 spawn() {  # name user command... : run a foreground daemon in its own session and record its PID
     local name=$1 user=$2 exe pid
     shift 2
-    exe=${SPAWN_EXE:-$(readlink -f "$1")}  # what the command finally execs into, when it is a wrapper
+    exe=$(readlink -f "${SPAWN_EXE:-$1}")  # what the command finally execs into (SPAWN_EXE, for a wrapper)
     if [ "$user" = root ]; then
         setsid "$@" >>"$LOG/$name.out" 2>&1 </dev/null &
     else  # setpriv execs, so $! is the daemon itself

@@ -106,7 +106,8 @@ def _reduce(source: str, score) -> Work:  # noqa: ANN001 (a music21 Score; music
 def part_notes(part) -> tuple[ScoreNote, ...]:  # noqa: ANN001 (a music21 Part)
     """Every sounding pitch, a chain of notes tied on that pitch as one note; grace notes (no duration) left out.
     Ties are joined here rather than by music21's stripTies, which re-sorts the part at every tie (a third of a
-    quartet's parse) and joins a tie across a chord's pitches, or from one pitch to another, as a single note."""
+    quartet's parse), leaves some ties inside chords unjoined, and makes a tie written from one pitch to another
+    (ABC's `G-E`) one long G, losing the E."""
     notes: list[list[float]] = []  # [onset, duration, midi]
     tied: dict[int, int] = {}  # midi -> the index in `notes` of the note a tie on that pitch carries on
     for element in part.flatten().notes:
@@ -125,11 +126,8 @@ def part_notes(part) -> tuple[ScoreNote, ...]:  # noqa: ANN001 (a music21 Part)
                 notes.append([float(element.offset), duration, midi])
             if kind in ("start", "continue"):
                 tied[midi] = index
-    return tuple(sorted((ScoreNote(onset, length, int(midi)) for onset, length, midi in notes), key=_by_onset))
-
-
-def _by_onset(note: ScoreNote) -> tuple[float, int]:
-    return note.onset, note.midi
+    joined = (ScoreNote(onset, length, int(midi)) for onset, length, midi in notes)
+    return tuple(sorted(joined, key=lambda note: (note.onset, note.midi)))
 
 
 def triad(tonic: int, mode: str, root_degree: int) -> tuple[int, int, int]:

@@ -7,7 +7,8 @@ pretraining seed and per target (the teacher's top half of the layers averaged, 
 of them, as its top 12). Each run, and the same architecture at its random initialisation, is then probed on the
 demo's key, tempo and instrument tasks (tunes rendered from scores the soundtracks do not contain), MARBLE's head
 with several head seeds, on the learned layer weights and on each hidden state alone (the layer-wise curve). A
-classic key finder (a chroma profile against Krumhansl-Kessler's, no learning) scores the same key test clips.
+classic key finder (a chroma profile against Krumhansl-Kessler's, no learning) scores the same key test clips, and
+a classic tempo feature (the onset envelope's periodicity, regressed by a random forest) the same tempo clips.
 The spread across pretraining seeds is what decides whether a difference holds.
 
 Prints the probe table, writes `summary.json` (the table, the layer-wise means, the loss and target_var curves)
@@ -35,6 +36,7 @@ from probes.datasets import demo as demo_tasks
 from probes.metrics import key_weighted_score
 from probes.nightly import nightly, read_results
 from probes.probe import ProbeSettings
+from probes.tasks import Example
 from trainer.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,6 +125,44 @@ def _estimate_key(audio: np.ndarray) -> int:
     return int(np.argmax(fits))  # the demo's KEYS: the 12 major keys from C, then the 12 minor ones
 
 
+def onset_tempo_baseline(data_root: Path) -> dict[str, float]:
+    """A classic tempo feature, no pretraining: the autocorrelation of the clip's onset envelope (spectral flux) at
+    beat periods of 0.2 to 2 s, regressed onto the tempo by a random forest fit on the demo_tempo training clips.
+    R^2 on the test clips: all of them, and those with and without drums (whose beat is then left to the notes)."""
+    from sklearn.ensemble import RandomForestRegressor
+    from sklearn.metrics import r2_score
+
+    examples = demo_tasks.examples(demo_tasks.TASKS["demo_tempo"], data_root)
+    train, train_tempo, _ = _tempo_clips(examples, "train")
+    test, test_tempo, drums = _tempo_clips(examples, "test")
+    predicted = RandomForestRegressor(n_estimators=300, random_state=0).fit(train, train_tempo).predict(test)
+    return {
+        "all": float(r2_score(test_tempo, predicted)),
+        "drums": float(r2_score(test_tempo[drums], predicted[drums])),
+        "no_drums": float(r2_score(test_tempo[~drums], predicted[~drums])),
+    }
+
+
+def _tempo_clips(examples: list[Example], split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The split's beat periodicities, tempi and whether each clip has drums (its sidecar labels say)."""
+    chosen = [example for example in examples if example.split == split]
+    labels = [json.loads(example.path.with_suffix(".json").read_text()) for example in chosen]
+    return (
+        np.stack([_beat_periodicity(decode_file(str(example.path)).audio) for example in chosen]),
+        np.array([example.target[0] for example in chosen]),
+        np.array(["drums" in clip["instruments"] for clip in labels]),
+    )
+
+
+def _beat_periodicity(audio: np.ndarray, hop: int = SAMPLE_RATE // 100, size: int = 1024) -> np.ndarray:
+    frames = np.lib.stride_tricks.sliding_window_view(audio, size)[::hop] * np.hanning(size)
+    spectrum = np.log1p(100 * np.abs(np.fft.rfft(frames, axis=1)))
+    flux = np.maximum(np.diff(spectrum, axis=0), 0).sum(axis=1)  # how much new energy each 10 ms brings
+    flux -= flux.mean()
+    autocorrelation = np.correlate(flux, flux, "full")[flux.size - 1 :]
+    return autocorrelation[20:200] / (autocorrelation[0] + 1e-9)  # lags of 0.2 to 2 s: 300 to 30 beats per minute
+
+
 def primary(rows: list[dict[str, Any]], task: str, *, step: int, layer: int | None) -> list[float]:
     return [
         row["value"]
@@ -162,7 +202,7 @@ def summarise(runs: dict[str, Path], updates: int) -> dict[str, Any]:
     return summary
 
 
-def print_table(summary: dict[str, Any], baseline: float) -> None:
+def print_table(summary: dict[str, Any], key_baseline: float, tempo_baseline: dict[str, float]) -> None:
     print(f"\n{'run':<22}" + "".join(f"{task:>32}" for task in demo_tasks.TASKS))
     for name, result in summary.items():
         cells = "".join(
@@ -170,7 +210,11 @@ def print_table(summary: dict[str, Any], baseline: float) -> None:
             for task in demo_tasks.TASKS
         )
         print(f"{name:<22}{cells}")
-    print(f"chroma key finder (Krumhansl-Kessler) on the same key test clips: {baseline:.3f} weighted score")
+    print(f"chroma key finder (Krumhansl-Kessler) on the same key test clips: {key_baseline:.3f} weighted score")
+    print(
+        "onset-envelope periodicity + random forest on the same tempo clips: R^2 "
+        + ", ".join(f"{value:.3f} ({clips})" for clips, value in tempo_baseline.items())
+    )
     for task in demo_tasks.TASKS:
         for name, result in summary.items():
             for curve_name, label in (("by_layer", "by layer"), ("random_init_by_layer", "random init")):
@@ -217,9 +261,11 @@ def main() -> None:
             probe_run(run_dir, out, tuple(args.head_seeds))
             runs[run_dir.name] = run_dir
     summary = summarise(runs, args.updates)
-    baseline = chroma_key_baseline(out / "probe_data")
-    print_table(summary, baseline)
-    (out / "summary.json").write_text(json.dumps({"runs": summary, "chroma_key": baseline}, indent=1) + "\n")
+    key_baseline = chroma_key_baseline(out / "probe_data")
+    tempo_baseline = onset_tempo_baseline(out / "probe_data")
+    print_table(summary, key_baseline, tempo_baseline)
+    baselines = {"chroma_key": key_baseline, "onset_tempo": tempo_baseline}
+    (out / "summary.json").write_text(json.dumps({"runs": summary} | baselines, indent=1) + "\n")
     plot_curves(summary, out / "learning.png")
     print(f"\nwrote {out / 'summary.json'} and {out / 'learning.png'}")
 

@@ -7,8 +7,8 @@ pretraining seed and per target (the teacher's top half of the layers averaged, 
 of them, as its top 12). Each run, and the same architecture at its random initialisation, is then probed on the
 demo's key, tempo and instrument tasks (tunes rendered from scores the soundtracks do not contain), MARBLE's head
 with several head seeds, on the learned layer weights and on each hidden state alone (the layer-wise curve). A
-classic key finder (a chroma profile against Krumhansl-Kessler's, no learning) scores the same key test clips, and
-a classic tempo feature (the onset envelope's periodicity, regressed by a random forest) the same tempo clips.
+classic key finder (a chroma profile against Krumhansl-Kessler's, no learning) scores the same key test clips;
+a classic tempo feature (the onset envelope's periodicity) and log-mel statistics score the same tempo clips.
 The spread across pretraining seeds is what decides whether a difference holds.
 
 Prints the probe table, writes `summary.json` (the table, the layer-wise means, the loss and target_var curves)
@@ -25,14 +25,17 @@ import shutil
 import statistics
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torchaudio
 
 from data import ShardParams, write_shards
 from data.audio import SAMPLE_RATE, decode_file
 from probes.datasets import demo as demo_tasks
+from probes.features import normalised_windows
 from probes.metrics import key_weighted_score
 from probes.nightly import nightly, read_results
 from probes.probe import ProbeSettings
@@ -125,32 +128,47 @@ def _estimate_key(audio: np.ndarray) -> int:
     return int(np.argmax(fits))  # the demo's KEYS: the 12 major keys from C, then the 12 minor ones
 
 
-def onset_tempo_baseline(data_root: Path) -> dict[str, float]:
-    """A classic tempo feature, no pretraining: the autocorrelation of the clip's onset envelope (spectral flux) at
-    beat periods of 0.2 to 2 s, regressed onto the tempo by a random forest fit on the demo_tempo training clips.
-    R^2 on the test clips: all of them, and those with and without drums (whose beat is then left to the notes)."""
+def tempo_baselines(data_root: Path) -> dict[str, dict[str, float]]:
+    """Tempo from classic features, no pretraining, fit on the demo_tempo training clips: the periodicity of the
+    onset envelope (a tempo feature; random forest), and each log-mel band's mean and deviation over the clip (what
+    a pooled representation could hold; ridge regression). R^2 on the test clips: all of them, and those with and
+    without drums (whose beat is then left to the notes)."""
     from sklearn.ensemble import RandomForestRegressor
+    from sklearn.linear_model import RidgeCV
     from sklearn.metrics import r2_score
 
     examples = demo_tasks.examples(demo_tasks.TASKS["demo_tempo"], data_root)
-    train, train_tempo, _ = _tempo_clips(examples, "train")
-    test, test_tempo, drums = _tempo_clips(examples, "test")
-    predicted = RandomForestRegressor(n_estimators=300, random_state=0).fit(train, train_tempo).predict(test)
-    return {
-        "all": float(r2_score(test_tempo, predicted)),
-        "drums": float(r2_score(test_tempo[drums], predicted[drums])),
-        "no_drums": float(r2_score(test_tempo[~drums], predicted[~drums])),
+    train, test = _tempo_clips(examples, "train"), _tempo_clips(examples, "test")
+    regressors = {
+        "onset_periodicity": (_beat_periodicity, RandomForestRegressor(n_estimators=300, random_state=0)),
+        "log_mel_statistics": (_log_mel_statistics, RidgeCV(alphas=np.logspace(-3, 4, 15))),
     }
+    scores = {}
+    for name, (feature, regressor) in regressors.items():
+        regressor.fit(np.stack([feature(audio) for audio in train.audio]), train.tempo)
+        predicted = regressor.predict(np.stack([feature(audio) for audio in test.audio]))
+        scores[name] = {
+            "all": float(r2_score(test.tempo, predicted)),
+            "drums": float(r2_score(test.tempo[test.drums], predicted[test.drums])),
+            "no_drums": float(r2_score(test.tempo[~test.drums], predicted[~test.drums])),
+        }
+    return scores
 
 
-def _tempo_clips(examples: list[Example], split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The split's beat periodicities, tempi and whether each clip has drums (its sidecar labels say)."""
+@dataclass(frozen=True)
+class _TempoClips:
+    audio: list[np.ndarray]  # normalised as the probes normalise a file
+    tempo: np.ndarray
+    drums: np.ndarray  # whether each clip has drums (its sidecar labels say)
+
+
+def _tempo_clips(examples: list[Example], split: str) -> _TempoClips:
     chosen = [example for example in examples if example.split == split]
     labels = [json.loads(example.path.with_suffix(".json").read_text()) for example in chosen]
-    return (
-        np.stack([_beat_periodicity(decode_file(str(example.path)).audio) for example in chosen]),
-        np.array([example.target[0] for example in chosen]),
-        np.array(["drums" in clip["instruments"] for clip in labels]),
+    return _TempoClips(
+        audio=[normalised_windows(decode_file(str(example.path)).audio, 0.0, "file", None)[0] for example in chosen],
+        tempo=np.array([example.target[0] for example in chosen]),
+        drums=np.array(["drums" in clip["instruments"] for clip in labels]),
     )
 
 
@@ -161,6 +179,13 @@ def _beat_periodicity(audio: np.ndarray, hop: int = SAMPLE_RATE // 100, size: in
     flux -= flux.mean()
     autocorrelation = np.correlate(flux, flux, "full")[flux.size - 1 :]
     return autocorrelation[20:200] / (autocorrelation[0] + 1e-9)  # lags of 0.2 to 2 s: 300 to 30 beats per minute
+
+
+def _log_mel_statistics(audio: np.ndarray) -> np.ndarray:
+    mel = torchaudio.functional.melscale_fbanks(513, 0.0, SAMPLE_RATE / 2, 64, SAMPLE_RATE)  # (bins, bands)
+    frames = np.lib.stride_tricks.sliding_window_view(audio, 1024)[:: SAMPLE_RATE // 100] * np.hanning(1024)
+    bands = np.log(np.abs(np.fft.rfft(frames, axis=1)) ** 2 @ mel.numpy() + 1e-6)  # (frames, bands)
+    return np.concatenate([bands.mean(axis=0), bands.std(axis=0)])
 
 
 def primary(rows: list[dict[str, Any]], task: str, *, step: int, layer: int | None) -> list[float]:
@@ -202,7 +227,7 @@ def summarise(runs: dict[str, Path], updates: int) -> dict[str, Any]:
     return summary
 
 
-def print_table(summary: dict[str, Any], key_baseline: float, tempo_baseline: dict[str, float]) -> None:
+def print_table(summary: dict[str, Any], key_baseline: float, tempo: dict[str, dict[str, float]]) -> None:
     print(f"\n{'run':<22}" + "".join(f"{task:>32}" for task in demo_tasks.TASKS))
     for name, result in summary.items():
         cells = "".join(
@@ -211,10 +236,9 @@ def print_table(summary: dict[str, Any], key_baseline: float, tempo_baseline: di
         )
         print(f"{name:<22}{cells}")
     print(f"chroma key finder (Krumhansl-Kessler) on the same key test clips: {key_baseline:.3f} weighted score")
-    print(
-        "onset-envelope periodicity + random forest on the same tempo clips: R^2 "
-        + ", ".join(f"{value:.3f} ({clips})" for clips, value in tempo_baseline.items())
-    )
+    for name, scores in tempo.items():
+        cells = ", ".join(f"{value:.3f} ({clips})" for clips, value in scores.items())
+        print(f"{name.replace('_', ' ')} on the same tempo test clips: R^2 {cells}")
     for task in demo_tasks.TASKS:
         for name, result in summary.items():
             for curve_name, label in (("by_layer", "by layer"), ("random_init_by_layer", "random init")):
@@ -262,9 +286,9 @@ def main() -> None:
             runs[run_dir.name] = run_dir
     summary = summarise(runs, args.updates)
     key_baseline = chroma_key_baseline(out / "probe_data")
-    tempo_baseline = onset_tempo_baseline(out / "probe_data")
-    print_table(summary, key_baseline, tempo_baseline)
-    baselines = {"chroma_key": key_baseline, "onset_tempo": tempo_baseline}
+    tempo = tempo_baselines(out / "probe_data")
+    print_table(summary, key_baseline, tempo)
+    baselines = {"chroma_key": key_baseline, "tempo": tempo}
     (out / "summary.json").write_text(json.dumps({"runs": summary} | baselines, indent=1) + "\n")
     plot_curves(summary, out / "learning.png")
     print(f"\nwrote {out / 'summary.json'} and {out / 'learning.png'}")

@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 GPU_WHEELS := .gpu-wheels
+# Tests run in parallel processes (pytest-xdist); torch in each, and in the runs a test starts, takes one thread, so
+# that two of them fill two cores without contending.
+TEST_WORKERS ?= 2
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/pytest -n $(TEST_WORKERS)
 
 .PHONY: demo test test-fast lint clean gpu-wheels gpu-check
 
@@ -13,12 +17,12 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
-	$(BIN)/pytest
+	$(PYTEST) --dist loadfile  # a file's tests in one process: they share its module fixtures and SLURM nodes
 
 # While working: everything but the tests marked slow (training runs, whole jobs, the demo) or slurm.
 test-fast: $(VENV)/.installed-test
 	$(BIN)/ruff check .
-	$(BIN)/pytest -m "not slow and not slurm"
+	$(PYTEST) -m "not slow and not slurm"
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

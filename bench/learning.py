@@ -172,20 +172,25 @@ def _tempo_clips(examples: list[Example], split: str) -> _TempoClips:
     )
 
 
-def _beat_periodicity(audio: np.ndarray, hop: int = SAMPLE_RATE // 100, size: int = 1024) -> np.ndarray:
-    frames = np.lib.stride_tricks.sliding_window_view(audio, size)[::hop] * np.hanning(size)
-    spectrum = np.log1p(100 * np.abs(np.fft.rfft(frames, axis=1)))
+def _beat_periodicity(audio: np.ndarray) -> np.ndarray:
+    spectrum = np.log1p(100 * _magnitudes(audio))
     flux = np.maximum(np.diff(spectrum, axis=0), 0).sum(axis=1)  # how much new energy each 10 ms brings
     flux -= flux.mean()
     autocorrelation = np.correlate(flux, flux, "full")[flux.size - 1 :]
     return autocorrelation[20:200] / (autocorrelation[0] + 1e-9)  # lags of 0.2 to 2 s: 300 to 30 beats per minute
 
 
-def _log_mel_statistics(audio: np.ndarray) -> np.ndarray:
-    mel = torchaudio.functional.melscale_fbanks(513, 0.0, SAMPLE_RATE / 2, 64, SAMPLE_RATE)  # (bins, bands)
-    frames = np.lib.stride_tricks.sliding_window_view(audio, 1024)[:: SAMPLE_RATE // 100] * np.hanning(1024)
-    bands = np.log(np.abs(np.fft.rfft(frames, axis=1)) ** 2 @ mel.numpy() + 1e-6)  # (frames, bands)
-    return np.concatenate([bands.mean(axis=0), bands.std(axis=0)])
+def _log_mel_statistics(audio: np.ndarray, bands: int = 64) -> np.ndarray:
+    spectrum = _magnitudes(audio)
+    mel = torchaudio.functional.melscale_fbanks(spectrum.shape[1], 0.0, SAMPLE_RATE / 2, bands, SAMPLE_RATE)
+    log_mel = np.log(spectrum**2 @ mel.numpy() + 1e-6)  # (frames, bands)
+    return np.concatenate([log_mel.mean(axis=0), log_mel.std(axis=0)])
+
+
+def _magnitudes(audio: np.ndarray, size: int = 1024, hop: int = SAMPLE_RATE // 100) -> np.ndarray:
+    """The magnitude spectrum of Hann-windowed frames every 10 ms: (frames, size // 2 + 1)."""
+    frames = np.lib.stride_tricks.sliding_window_view(audio, size)[::hop] * np.hanning(size)
+    return np.abs(np.fft.rfft(frames, axis=1))
 
 
 def primary(rows: list[dict[str, Any]], task: str, *, step: int, layer: int | None) -> list[float]:
